@@ -1,0 +1,228 @@
+"""Training-step throughput of our TransformerLM vs HuggingFace LlamaForCausalLM of the same shape, in the same run.
+
+One step = zero_grad, forward, cross-entropy, backward, optimizer step on the same batch. Steps of the two models are
+interleaved (ours, HF, ours, HF, ...) so that load from other processes hits both alike; we report the median step time
+after warm-up. Default shape: the CS336 TinyStories model (vocab 10k, context 256, d_model 512, d_ff 1344, 4 layers,
+16 heads, RoPE theta 10k), batch 8, float32 eager, 2 torch threads.
+
+    uv run python benchmarks/bench_model.py            # full run
+    uv run python benchmarks/bench_model.py --quick    # fewer steps
+    uv run python benchmarks/bench_model.py --optimizer torch   # torch.optim.AdamW for both models
+    uv run python benchmarks/bench_model.py --compile  # adds torch.compile rows for both (slow to start)
+    uv run python benchmarks/bench_model.py --device cuda --dtype bfloat16 --batch-size 64   # e.g. on an H100
+
+MFU: model FLOPs per token (TransformerLM.flops_per_token: 6 N_matmul + 12 L d T) x tokens/s, divided by a peak:
+on CUDA the bf16 dense peak given by --peak-tflops (default 989, H100 SXM); on CPU an estimate, cores x 32 fp32
+FLOPs/cycle (two 256-bit FMA units, AVX2) x clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cs336_basics.model import TransformerLM  # noqa: E402
+from cs336_basics.nn_utils import cross_entropy  # noqa: E402
+from cs336_basics.optimizer import AdamW  # noqa: E402
+
+
+@dataclass
+class Shape:
+    vocab_size: int = 10_000
+    context_length: int = 256
+    d_model: int = 512
+    num_layers: int = 4
+    num_heads: int = 16
+    d_ff: int = 1344
+    rope_theta: float = 10_000.0
+
+
+def build_ours(shape: Shape, device, dtype) -> torch.nn.Module:
+    return TransformerLM(**vars(shape), device=device, dtype=dtype)
+
+
+def build_hf(shape: Shape, device, dtype) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_ff,
+                      num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                      num_key_value_heads=shape.num_heads, max_position_embeddings=shape.context_length,
+                      rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def make_step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y, sync):
+    """One training step; ours uses our cross_entropy, HF its logits with torch's F.cross_entropy."""
+    if name.startswith("ours"):
+        def loss_fn():
+            return cross_entropy(model(x), y)
+    else:
+        def loss_fn():
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        sync()
+        return loss.item()
+
+    return step
+
+
+def cpu_peak_flops(threads: int) -> tuple[float, str]:
+    mhz = 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        pass
+    mhz = mhz or 2500.0
+    return threads * 32 * mhz * 1e6, f"{threads} cores x 32 FLOP/cycle x {mhz / 1000:.2f} GHz"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (VmHWM: unlike ru_maxrss it does not inherit the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_of(which: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process that builds one model and runs 2 training steps (CPU memory)."""
+    cmd = [sys.executable, __file__, "--_memory-probe", which, "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--optimizer", args.optimizer, "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 warm-up + 5 timed steps per model")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--optimizer", default="ours", choices=["ours", "torch"],
+                   help="ours: our AdamW (foreach) for ours, torch.optim.AdamW for HF; torch: torch's for both")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="print the top ops of one step of ours (torch.profiler)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for the MFU on CUDA")
+    p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.warmup = 5, 2
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = Shape()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, shape.vocab_size, (args.batch_size, shape.context_length + 1), generator=gen)
+    x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+    def optimizer_for(name, model):
+        if name.startswith("ours") and args.optimizer == "ours":
+            return AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    if args.memory_probe:
+        torch.manual_seed(0)
+        model = (build_ours if args.memory_probe == "ours" else build_hf)(shape, device, dtype)
+        step = make_step(args.memory_probe, model, optimizer_for(args.memory_probe, model), x, y, sync)
+        step()
+        step()
+        print(peak_rss_mib())
+        return
+
+    torch.manual_seed(0)
+    models = {"ours": build_ours(shape, device, dtype), "hf_llama": build_hf(shape, device, dtype)}
+    if args.compile:
+        models["ours_compiled"] = torch.compile(build_ours(shape, device, dtype))
+        models["hf_llama_compiled"] = torch.compile(build_hf(shape, device, dtype))
+    steps = {n: make_step(n, m, optimizer_for(n, m), x, y, sync) for n, m in models.items()}
+    n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, dtype {args.dtype}, "
+          f"batch {args.batch_size} x {shape.context_length} tokens, optimizer: {args.optimizer}")
+    print(f"shape: {vars(shape)}; params ours {n_params['ours']:,}, HF {n_params['hf_llama']:,}")
+    first_loss = {}
+    for n, step in steps.items():
+        t0 = time.perf_counter()
+        first_loss[n] = step()
+        for _ in range(args.warmup - 1):
+            step()
+        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s, first loss {first_loss[n]:.3f}")
+    times = {n: [] for n in steps}
+    for _ in range(args.steps):
+        for n, step in steps.items():  # interleaved so background load affects every model alike
+            t0 = time.perf_counter()
+            step()
+            times[n].append(time.perf_counter() - t0)
+
+    ntok = args.batch_size * shape.context_length
+    fpt = models["ours"].flops_per_token()
+    if device.type == "cuda":
+        peak, peak_desc = args.peak_tflops * 1e12, f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)"
+    else:
+        peak, peak_desc = cpu_peak_flops(args.threads)
+    print(f"\nFLOPs/token (training, 6*N_matmul + 12*L*d*T) = {fpt / 1e6:.1f} MFLOP; peak used for MFU: {peak_desc}")
+    print(f"{'model':<20}{'median step':>13}{'min':>9}{'tokens/s':>11}{'achieved':>14}{'MFU':>8}{'vs HF':>8}")
+    tps = {}
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        tps[n] = ntok / med
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        base = tps["hf_llama_compiled" if n.endswith("compiled") else "hf_llama"]
+        achieved = tps[n] * fpt
+        print(f"{n:<20}{med * 1e3:>11.0f}ms{min(ts) * 1e3:>7.0f}ms{tps[n]:>11.0f}{achieved / 1e9:>9.1f} GF/s"
+              f"{achieved / peak:>8.1%}{tps[n] / base:>7.2f}x")
+    print(f"\nratio ours / HF (eager): {tps['ours'] / tps['hf_llama']:.2f}x  (median of {args.steps} interleaved steps)")
+    if device.type == "cpu":
+        h100 = 989e12
+        print(f"H100 estimate: MFU = tokens/s x {fpt / 1e6:.1f} MFLOP / 989 TFLOP/s; e.g. 400k tokens/s would be "
+              f"{400e3 * fpt / h100:.1%}. Measure with --device cuda --dtype bfloat16 on the GPU.")
+    if not args.no_memory and device.type == "cpu":
+        mem = {n: peak_rss_of(n, args) for n in ("ours", "hf_llama")}
+        print(f"peak RSS of a process doing 2 steps: ours {mem['ours']:.0f} MiB, HF {mem['hf_llama']:.0f} MiB "
+              f"(ratio {mem['hf_llama'] / mem['ours']:.2f}x)")
+    elif device.type == "cuda":
+        for n in ("ours", "hf_llama"):
+            torch.cuda.reset_peak_memory_stats()
+            steps[n]()
+            print(f"peak CUDA memory {n}: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps["ours"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()

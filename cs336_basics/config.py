@@ -1,0 +1,301 @@
+"""Training configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+
+``load_config("cs336_basics/config.yaml", ["training.batch_size=16"])`` gives a :class:`Config`. Every key is
+checked: an unknown or misspelt key is an error naming it (with the closest valid key), and values are coerced to
+the field's type, so ``max_lr: 3e-4`` (a *string* to YAML 1.1) becomes the float 0.0003. ``asdict(cfg.model)``
+is exactly the keyword arguments of :class:`cs336_basics.model.TransformerLM`, which is how checkpoints rebuild
+their model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
+
+ATTENTION_IMPLS = ("sdpa", "reference")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or override; the message is one line that says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer LM shape; the fields are exactly ``TransformerLM``'s keyword arguments."""
+
+    vocab_size: int = 10000
+    context_length: int = 1024
+    d_model: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    d_ff: int = 1344
+    rope_theta: float = 10000.0
+    attention_impl: str = "sdpa"
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, logging and hardware settings."""
+
+    batch_size: int = 32  # sequences per optimizer step, summed over all ranks and accumulation steps
+    max_iters: int = 100000
+    max_lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 1000
+    cosine_cycle_iters: int | None = None  # None: max_iters
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    eval_interval: int = 1000
+    eval_batches: int = 20
+    log_interval: int = 100
+    checkpoint_interval: int = 5000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    compile: bool = False
+
+    @property
+    def lr_cycle_iters(self) -> int:
+        """Iterations of the cosine decay (``cosine_cycle_iters``, or ``max_iters`` when unset)."""
+        return self.max_iters if self.cosine_cycle_iters is None else self.cosine_cycle_iters
+
+
+@dataclass
+class DataConfig:
+    """Where data, checkpoints and the tokenizer live.
+
+    ``train_path``/``val_path`` are relative to ``data_dir`` unless absolute; ``data_dir``, ``checkpoint_dir`` and
+    ``tokenizer_dir`` are relative to the working directory unless absolute.
+    """
+
+    data_dir: str = "data"
+    train_path: str = "train.bin"
+    val_path: str = "val.bin"
+    checkpoint_dir: str = "checkpoints"
+    tokenizer_dir: str = "tokenizer"
+
+    @property
+    def train_file(self) -> Path:
+        return Path(self.data_dir) / self.train_path
+
+    @property
+    def val_file(self) -> Path:
+        return Path(self.data_dir) / self.val_path
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases destination (used only with ``--wandb``)."""
+
+    project: str = "cs336-basics"
+    entity: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    source: str | None = field(default=None, compare=False, repr=False)  # file it was loaded from, for messages
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (None: the packaged ``config.yaml``), apply ``section.key=value`` overrides, validate."""
+    path = DEFAULT_CONFIG_PATH if path is None else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass --config-path with an existing YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{line}: {problem}; fix the YAML syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections model/training/data/wandb at top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=_display_path(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a :class:`Config` from nested dicts (e.g. a checkpoint's ``config``)."""
+    hints = typing.get_type_hints(Config)
+    sections = [name for name in hints if name != "source"]
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r}{_suggest(name, sections)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {value!r}")
+        built[name] = _build_section(hints[name], value, source, name)
+    cfg = Config(**built, source=source)
+    _validate(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain dict (tuples as lists) for checkpoints, W&B and YAML; inverse of :func:`config_from_dict`."""
+    out = asdict(cfg)
+    del out["source"]
+    out["training"]["betas"] = list(out["training"]["betas"])
+    return out
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter messages)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.batch_size=16")
+    section, name = parts
+    sections = typing.get_type_hints(Config)
+    sections.pop("source")
+    if section not in sections:
+        raise ConfigError(f"override {item!r}: unknown section {section!r}{_suggest(section, sections)}")
+    hints = typing.get_type_hints(sections[section])
+    if name not in hints:
+        raise ConfigError(f"override {item!r}: unknown key {key}{_suggest(name, hints, section + '.')}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # e.g. an unquoted path with a colon; the field's type decides
+    try:
+        value = _coerce(value, hints[name], key)
+    except ConfigError as exc:
+        raise ConfigError(f"override {item!r}: {exc}") from None
+    target = raw.setdefault(section, {})
+    if target is None:
+        target = raw[section] = {}
+    if not isinstance(target, dict):
+        raise ConfigError(f"override {item!r}: section {section!r} is not a mapping in the config file")
+    target[name] = value
+
+
+def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, names, f'{section}.')}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` to the type ``hint`` or raise a one-line ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} numbers, e.g. [0.9, 0.95]; got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value.strip().replace("_", "") if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number (e.g. 3e-4), got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
+
+
+def _suggest(name: str, valid: Iterable[str], prefix: str = "") -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; valid choices: {', '.join(prefix + v for v in valid)}"
+
+
+def _validate(cfg: Config, source: str) -> None:
+    m, t = cfg.model, cfg.training
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+    for section, obj in (("model", m), ("training", t)):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            positive = f.name not in ("warmup_iters", "seed", "grad_clip", "weight_decay", "min_lr")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and positive:
+                need(value > 0, f"{section}.{f.name} must be > 0, got {value}")
+    need(m.d_model % m.num_heads == 0, f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")
+    need((m.d_model // m.num_heads) % 2 == 0, f"model.d_model / model.num_heads must be even for RoPE, got {m.d_model // m.num_heads}")
+    need(m.attention_impl in ATTENTION_IMPLS, f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}; got {m.attention_impl!r}")
+    need(t.warmup_iters >= 0 and t.seed >= 0, "training.warmup_iters and training.seed must be >= 0")
+    need(t.grad_clip >= 0 and t.weight_decay >= 0 and t.min_lr >= 0, "training.grad_clip, weight_decay and min_lr must be >= 0")
+    need(t.min_lr <= t.max_lr, f"training.min_lr={t.min_lr} must not exceed training.max_lr={t.max_lr}")
+    need(all(0 <= b < 1 for b in t.betas), f"training.betas must each be in [0, 1), got {list(t.betas)}")
+    need(t.dtype in DTYPES, f"training.dtype must be one of {', '.join(DTYPES)}; got {t.dtype!r}")
+    device = t.device.split(":")[0]
+    need(device in ("auto", "cpu", "cuda", "mps"), f"training.device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+    need(t.batch_size % t.gradient_accumulation_steps == 0,
+         f"training.batch_size={t.batch_size} must be divisible by training.gradient_accumulation_steps={t.gradient_accumulation_steps}")

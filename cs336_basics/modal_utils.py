@@ -1,0 +1,361 @@
+"""Move tokenized data and checkpoints between this machine and the Modal volume.
+
+    modal run cs336_basics/modal_utils.py --action upload --local-path data/train.bin --remote-name train.bin --data-type data
+    modal run cs336_basics/modal_utils.py --action list --data-type checkpoint
+    modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt --local-path checkpoints/checkpoint_final.pt
+    modal run cs336_basics/modal_utils.py --action delete --remote-name checkpoint_iter_5000.pt
+
+Inside the volume ``transformer-training-vol`` tokenized data lives under ``/data/`` and checkpoints under
+``/checkpoints/``. ``--data-type`` defaults to ``data`` for upload and to ``checkpoint`` for download and delete
+(the workflow's examples); list without it shows both folders.
+
+The operations are plain functions taking the volume object, so they run the same against ``modal.Volume`` and
+the in-process stand-in the tests use; the local entrypoint only parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import modal
+import modal.exception
+from modal.types import FileEntryType
+
+VOLUME_NAME = "transformer-training-vol"
+REMOTE_DIRS = {"data": "data", "checkpoint": "checkpoints"}  # data type -> folder at the volume's root
+DEFAULT_DATA_TYPE = {"upload": "data", "download": "checkpoint", "delete": "checkpoint"}
+LOCAL_DIRS = {"data": Path("data"), "checkpoint": Path("checkpoints")}  # where a download goes without --local-path
+ACTIONS = ("upload", "list", "download", "delete")
+SETUP_HINT = "run `modal setup` (or set MODAL_TOKEN_ID / MODAL_TOKEN_SECRET) and try again"
+
+app = modal.App("cs336-volume-utils")
+
+
+class VolumeError(Exception):
+    """A user-facing problem with a volume operation; its message is the one line the CLI prints."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file in the volume, named relative to its data-type folder."""
+
+    name: str
+    size: int
+    mtime: float
+
+
+def metadata_name(bin_name: str) -> str:
+    """Name of the metadata JSON that tokenize_data writes beside ``bin_name`` (same folder)."""
+    from cs336_basics.tokenize_data import metadata_path
+
+    return metadata_path(Path(bin_name)).as_posix()
+
+
+def remote_path(remote_name: str, data_type: str) -> str:
+    """Path inside the volume of ``remote_name`` for ``data_type`` ("data" or "checkpoint")."""
+    if data_type not in REMOTE_DIRS:
+        raise VolumeError(f"unknown --data-type {data_type!r}: use 'data' or 'checkpoint'")
+    name = remote_name.strip().lstrip("/")
+    parts = PurePosixPath(name).parts
+    if not name or name.endswith("/") or ".." in parts:
+        raise VolumeError(f"invalid --remote-name {remote_name!r}: give a file name such as 'train.bin'")
+    return f"{REMOTE_DIRS[data_type]}/{name}"
+
+
+def human_size(num_bytes: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while abs(num_bytes) >= 1024 and i < len(units) - 1:
+        num_bytes /= 1024
+        i += 1
+    return f"{num_bytes:.0f} B" if i == 0 else f"{num_bytes:.1f} {units[i]}"
+
+
+def list_files(volume: Any, data_type: str) -> list[RemoteFile]:
+    """Files under the data type's folder, sorted by name; an empty list when the folder does not exist yet."""
+    folder = REMOTE_DIRS.get(data_type)
+    if folder is None:
+        raise VolumeError(f"unknown --data-type {data_type!r}: use 'data' or 'checkpoint'")
+    try:
+        entries = volume.listdir(f"/{folder}", recursive=True)
+    except (FileNotFoundError, modal.exception.NotFoundError):
+        return []
+    prefix = folder + "/"
+    files = []
+    for entry in entries:
+        if entry.type != FileEntryType.FILE:
+            continue
+        path = entry.path.lstrip("/")
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        files.append(RemoteFile(name=name, size=int(entry.size), mtime=float(entry.mtime)))
+    return sorted(files, key=lambda f: f.name)
+
+
+def format_listing(files: list[RemoteFile], data_type: str) -> str:
+    """A table of name, size and modification time (UTC), or a line saying the folder is empty."""
+    folder = REMOTE_DIRS[data_type]
+    if not files:
+        return f"/{folder}/ is empty in volume {VOLUME_NAME}"
+    width = max(len(f.name) for f in files)
+    lines = [f"/{folder}/ in volume {VOLUME_NAME}:"]
+    for f in files:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f.mtime))
+        lines.append(f"  {f.name:<{width}}  {human_size(f.size):>10}  {stamp}")
+    total = sum(f.size for f in files)
+    lines.append(f"  {len(files)} file(s), {human_size(total)}")
+    return "\n".join(lines)
+
+
+def _find(volume: Any, remote_name: str, data_type: str) -> RemoteFile | None:
+    name = remote_path(remote_name, data_type).split("/", 1)[1]
+    return next((f for f in list_files(volume, data_type) if f.name == name), None)
+
+
+def _not_found(volume: Any, remote_name: str, data_type: str) -> VolumeError:
+    names = [f.name for f in list_files(volume, data_type)]
+    folder = REMOTE_DIRS[data_type]
+    available = ", ".join(names) if names else "nothing"
+    other = "checkpoint" if data_type == "data" else "data"
+    return VolumeError(
+        f"{remote_name!r} not found in /{folder}/ of volume {VOLUME_NAME} (it holds: {available}); "
+        f"check the name, or pass --data-type {other} if it is a {other} file"
+    )
+
+
+def upload(
+    volume: Any,
+    local_path: str | Path,
+    remote_name: str | None,
+    data_type: str,
+    force: bool = False,
+    *,
+    progress: bool = False,
+) -> list[tuple[str, str]]:
+    """Upload ``local_path`` (and the metadata JSON beside a .bin) to the volume; returns (local, volume path) pairs.
+
+    Refuses to replace an existing remote file unless ``force``.
+    """
+    local = Path(local_path)
+    if not local.is_file():
+        hint = " (tokenize first: uv run python prepare_data.py ...)" if local.suffix == ".bin" else ""
+        raise VolumeError(f"local file {str(local)!r} does not exist or is not a file{hint}")
+    remote_name = remote_name or local.name
+    targets = [(local, remote_path(remote_name, data_type))]
+    local_meta = Path(metadata_name(str(local)))
+    if local.suffix == ".bin" and local_meta.is_file():
+        targets.append((local_meta, remote_path(metadata_name(remote_name), data_type)))
+
+    existing = {f"{REMOTE_DIRS[data_type]}/{f.name}" for f in list_files(volume, data_type)}
+    clashes = [dst for _, dst in targets if dst in existing]
+    if clashes and not force:
+        raise VolumeError(
+            f"/{clashes[0]} already exists in volume {VOLUME_NAME}; pass --force to replace it "
+            "(or choose another --remote-name)"
+        )
+    total = sum(src.stat().st_size for src, _ in targets)
+    with _upload_progress(total, progress) as callback, _open_batch(volume, force, callback) as batch:
+        for src, dst in targets:
+            batch.put_file(str(src), "/" + dst)
+    return [(str(src), "/" + dst) for src, dst in targets]
+
+
+def download(
+    volume: Any,
+    remote_name: str,
+    local_path: str | Path | None,
+    data_type: str,
+    force: bool = False,
+    *,
+    progress: bool = False,
+) -> Path:
+    """Stream a volume file into ``local_path`` via a temporary file renamed on completion; returns the path.
+
+    ``local_path`` may be an existing folder; it defaults to ``data/`` or ``checkpoints/`` plus the file name.
+    An existing local file is only replaced with ``force``.
+    """
+    found = _find(volume, remote_name, data_type)
+    if found is None:
+        raise _not_found(volume, remote_name, data_type)
+    base = PurePosixPath(found.name).name
+    dest = Path(local_path) if local_path else LOCAL_DIRS[data_type] / base
+    if dest.is_dir():
+        dest = dest / base
+    if dest.exists() and not force:
+        raise VolumeError(f"local file {str(dest)!r} already exists; pass --force to replace it")
+    _stream_to_file(volume, remote_path(found.name, data_type), dest, found.size, progress)
+    if data_type == "data" and base.endswith(".bin"):  # keep the metadata beside the tokens
+        meta = _find(volume, metadata_name(found.name), data_type)
+        if meta is not None:
+            meta_dest = Path(metadata_name(str(dest)))
+            _stream_to_file(volume, remote_path(meta.name, data_type), meta_dest, meta.size, False)
+    return dest
+
+
+def delete(volume: Any, remote_name: str, data_type: str) -> list[str]:
+    """Remove a file (and a .bin's metadata JSON) from the volume; returns the volume paths removed."""
+    found = _find(volume, remote_name, data_type)
+    if found is None:
+        raise _not_found(volume, remote_name, data_type)
+    removed = [remote_path(found.name, data_type)]
+    if data_type == "data" and found.name.endswith(".bin") and _find(volume, metadata_name(found.name), data_type):
+        removed.append(remote_path(metadata_name(found.name), data_type))
+    for path in removed:
+        volume.remove_file("/" + path)
+    return ["/" + p for p in removed]
+
+
+def _stream_to_file(volume: Any, path: str, dest: Path, size: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress) as bar,
+        ):
+            for chunk in volume.read_file("/" + path):
+                out.write(chunk)
+                bar.update(len(chunk))
+        written = os.path.getsize(tmp)
+        if written != size:
+            raise VolumeError(f"download of /{path} stopped after {written} of {size} bytes; run it again")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _TqdmTransfer:
+    """Adapts Modal's transfer progress callback (name/size, task_id+advance/reset/complete) to one tqdm bar."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+        self.done: dict[int, float] = {}
+
+    def __call__(self, task_id: Any = None, advance: float | None = None, name: str | None = None,
+                 size: float | None = None, reset: bool | None = False, complete: bool | None = False) -> Any:
+        if task_id is None:
+            if name is not None and size is not None:
+                self.done[len(self.done)] = 0.0
+                return len(self.done) - 1
+            return None
+        if reset:
+            self.bar.update(-self.done.get(task_id, 0.0))
+            self.done[task_id] = 0.0
+        elif advance is not None:
+            self.done[task_id] = self.done.get(task_id, 0.0) + advance
+            self.bar.update(advance)
+        return None
+
+
+@contextlib.contextmanager
+def _upload_progress(total: int, enabled: bool) -> Iterator[Callable[..., Any] | None]:
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    print(f"Hashing and uploading {human_size(total)} (blocks the volume already holds are skipped)...")
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar:
+        yield _TqdmTransfer(bar)
+        bar.update(total - bar.n)  # blocks the volume already held were never sent
+
+
+def _open_batch(volume: Any, force: bool, progress_cb: Callable[..., Any] | None) -> Any:
+    """``volume.batch_upload(force=force)``, reporting bytes to ``progress_cb`` where the installed modal allows.
+
+    ``Volume.batch_upload`` takes no progress callback; the upload context it builds does (``modal volume put``
+    uses it), so for a real volume we build that context the same way. Any mismatch falls back to the public call.
+    """
+    if progress_cb is not None and isinstance(volume, modal.Volume):
+        try:
+            volume.hydrate()
+            return modal.volume.AbstractVolumeUploadContextManager.resolve(
+                volume._metadata.version, volume.object_id, volume.client, progress_cb=progress_cb, force=force
+            )
+        except (AttributeError, TypeError):
+            pass
+    return volume.batch_upload(force=force)
+
+
+def run_action(
+    volume: Any,
+    action: str,
+    local_path: str = "",
+    remote_name: str = "",
+    data_type: str = "",
+    force: bool = False,
+    *,
+    progress: bool = True,
+) -> str:
+    """Perform one CLI action and return what to print; raises VolumeError for anything the user must fix."""
+    if action not in ACTIONS:
+        raise VolumeError(f"unknown --action {action!r}: use one of {', '.join(ACTIONS)}")
+    if data_type and data_type not in REMOTE_DIRS:
+        raise VolumeError(f"unknown --data-type {data_type!r}: use 'data' or 'checkpoint'")
+    if action == "list":
+        types = [data_type] if data_type else list(REMOTE_DIRS)
+        return "\n".join(format_listing(list_files(volume, t), t) for t in types)
+    data_type = data_type or DEFAULT_DATA_TYPE[action]
+    if action == "upload":
+        if not local_path:
+            raise VolumeError("--action upload needs --local-path (e.g. --local-path data/train.bin)")
+        pairs = upload(volume, local_path, remote_name or None, data_type, force, progress=progress)
+        return "\n".join(f"Uploaded {src} -> {VOLUME_NAME}:{dst}" for src, dst in pairs)
+    if not remote_name:
+        raise VolumeError(f"--action {action} needs --remote-name (see --action list --data-type {data_type})")
+    if action == "download":
+        dest = download(volume, remote_name, local_path or None, data_type, force, progress=progress)
+        return f"Downloaded {VOLUME_NAME}:{remote_path(remote_name, data_type)} -> {dest}"
+    removed = delete(volume, remote_name, data_type)
+    return "\n".join(f"Deleted {VOLUME_NAME}:{p}" for p in removed)
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """The one line to print for errors a user can fix (bad input, no credentials, no network), else None."""
+    if isinstance(exc, VolumeError):
+        return f"error: {exc}"
+    if isinstance(exc, modal.exception.AuthError):
+        return f"error: Modal rejected the credentials ({exc}); {SETUP_HINT}"
+    if isinstance(exc, modal.exception.PermissionDeniedError):
+        return f"error: Modal denied access ({exc}); check the workspace (`modal profile current`) or {SETUP_HINT}"
+    if isinstance(exc, modal.exception.ConnectionError):
+        return f"error: could not reach Modal ({exc}); check the network, and if this machine was never set up, {SETUP_HINT}"
+    if isinstance(exc, FileExistsError):
+        return f"error: {exc}; pass --force to replace it"
+    return None
+
+
+def open_volume() -> Any:
+    """The training volume, created on first use."""
+    return modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+
+
+@app.local_entrypoint()
+def main(
+    action: Literal["upload", "list", "download", "delete"],
+    local_path: str = "",
+    remote_name: str = "",
+    data_type: str = "",
+    force: bool = False,
+) -> None:
+    """Upload, list, download or delete files in the training volume."""
+    try:
+        print(run_action(open_volume(), action, local_path, remote_name, data_type, force))
+    except Exception as exc:
+        line = user_error_line(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,199 @@
+"""Train a BPE tokenizer on a text corpus and tokenize train/validation text into ``.bin`` files.
+
+    uv run python prepare_data.py --train-path data/TinyStoriesV2-GPT4-train.txt \\
+        --val-path data/TinyStoriesV2-GPT4-valid.txt --vocab-size 10000
+
+Writes ``tokenizer/vocab.pkl`` + ``tokenizer/merges.pkl`` (or loads them with
+``--use-existing-tokenizer``), ``data/train.bin`` and ``data/val.bin`` (flat uint16/uint32 token ids)
+with ``.bin.json`` metadata beside each (see ``cs336_basics.tokenize_data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from cs336_basics.tokenize_data import DataError, check_text_file, tokenize_file, tokenizer_sha256
+from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
+
+MAX_VOCAB_SIZE = 1 << 20  # far above any useful byte-level BPE vocab; ids still fit in uint32
+RULE = "=" * 80
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a BPE tokenizer and tokenize text files into .bin token files.")
+    p.add_argument("--train-path", required=True, help="UTF-8 training text (documents separated by <|endoftext|>)")
+    p.add_argument("--val-path", help="UTF-8 validation text (optional)")
+    p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size, special tokens included")
+    p.add_argument("--output-dir", default="data", help="folder for train.bin / val.bin (default: data)")
+    p.add_argument("--tokenizer-dir", default="tokenizer", help="folder for vocab.pkl / merges.pkl (default: tokenizer)")
+    p.add_argument("--use-existing-tokenizer", action="store_true", help="load the tokenizer from --tokenizer-dir instead of training one")
+    p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], help="special tokens (default: <|endoftext|>)")
+    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    return p
+
+
+def _dir_label(path: str | Path) -> str:
+    text = str(path)
+    return text if text.endswith("/") else text + "/"
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    specials = args.special_tokens
+    if any(not t for t in specials):
+        raise DataError("--special-tokens: special tokens must be non-empty strings")
+    smallest = 256 + len(set(specials))
+    if args.vocab_size < smallest:
+        raise DataError(
+            f"--vocab-size {args.vocab_size} is too small: it must be at least {smallest} "
+            f"(256 byte tokens + {len(set(specials))} special tokens); try 10000"
+        )
+    if args.vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {args.vocab_size:,} is too large (max {MAX_VOCAB_SIZE:,}); try 10000 or 32000")
+    if args.num_workers < 1:
+        raise DataError(f"--num-workers {args.num_workers} must be at least 1")
+
+
+def _ensure_writable_dir(path: str | Path, flag: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there, before hours of work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from None
+
+
+def _load_existing(args: argparse.Namespace) -> Tokenizer:
+    folder = Path(args.tokenizer_dir)
+    for name in (VOCAB_FILE, MERGES_FILE):
+        if not (folder / name).is_file():
+            raise DataError(
+                f"--use-existing-tokenizer: {folder / name} not found; create it by running without "
+                f"--use-existing-tokenizer: uv run python prepare_data.py --train-path {args.train_path} "
+                f"--vocab-size {args.vocab_size} --tokenizer-dir {args.tokenizer_dir}"
+            )
+    try:
+        tok = load_tokenizer(folder, args.special_tokens)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"cannot load the tokenizer in {folder}: {e}") from None
+    if tok.vocab_size != args.vocab_size:
+        raise DataError(
+            f"the tokenizer in {folder} has vocab size {tok.vocab_size} but --vocab-size is {args.vocab_size}; "
+            f"pass --vocab-size {tok.vocab_size} to use it, or drop --use-existing-tokenizer to train a new one"
+        )
+    print(RULE)
+    print("Loading Existing Tokenizer")
+    print(RULE)
+    print(f"✓ Loaded tokenizer from {_dir_label(folder)}")
+    print(f"  Vocabulary size: {tok.vocab_size}")
+    print(f"  Number of merges: {len(tok.merges)}")
+    print(f"  Special tokens: {tok.special_tokens}")
+    return tok
+
+
+def _train(args: argparse.Namespace) -> Tokenizer:
+    from cs336_basics.bpe import train_bpe
+
+    print(RULE)
+    print("Training BPE Tokenizer")
+    print(RULE)
+    print(f"Training data: {args.train_path}")
+    print(f"Vocab size: {args.vocab_size}")
+    print(f"Special tokens: {args.special_tokens}")
+    print()
+    print("Training BPE (this may take a while for large files)...", flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            vocab, merges = train_bpe(
+                args.train_path, args.vocab_size, args.special_tokens, num_workers=args.num_workers, progress=True
+            )
+        except ValueError as e:
+            raise DataError(str(e).splitlines()[0]) from None
+    tok = Tokenizer(vocab, merges, args.special_tokens)
+    print("✓ Training complete!")
+    print(f"  Vocabulary size: {tok.vocab_size}")
+    print(f"  Number of merges: {len(merges)}")
+    advice = f"; set model.vocab_size: {tok.vocab_size} in your config" if tok.vocab_size != args.vocab_size else ""
+    for w in caught:
+        print(f"warning: {w.message}{advice}", file=sys.stderr)
+    if advice and not caught:
+        print(f"warning: the vocabulary has {tok.vocab_size} tokens, not {args.vocab_size}{advice}", file=sys.stderr)
+    tok.save(args.tokenizer_dir)
+    print()
+    print(f"✓ Tokenizer saved to {_dir_label(args.tokenizer_dir)}")
+    print(f"  - {VOCAB_FILE}")
+    print(f"  - {MERGES_FILE}")
+    return tok
+
+
+def _tokenize(title: str, src: str, dst: Path, tok: Tokenizer, args: argparse.Namespace, tok_hash: str) -> None:
+    print()
+    print(RULE)
+    print(title)
+    print(RULE)
+    print(f"Tokenizing {src}...")
+    print(f"File size: {Path(src).stat().st_size / 1024**2:.2f} MB", flush=True)
+    result = tokenize_file(
+        src,
+        dst,
+        tok,
+        vocab_size=tok.vocab_size,
+        special_tokens=tok.special_tokens,
+        tokenizer_hash=tok_hash,
+        num_workers=args.num_workers,
+        progress=True,
+    )
+    print("✓ Tokenization complete!")
+    print(f"  Total tokens: {result.num_tokens:,}")
+    print(f"✓ Saved to {dst}")
+    print(f"  Output size: {result.output_bytes / 1024**2:.2f} MB")
+    ratio = result.input_bytes / result.output_bytes if result.output_bytes else float("inf")
+    print(f"  Compression ratio: {ratio:.2f}x", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    _check_args(args)
+    # Fail in seconds, not after BPE training: inputs readable UTF-8, output folders writable.
+    check_text_file(args.train_path)
+    if args.val_path:
+        check_text_file(args.val_path)
+    _ensure_writable_dir(args.output_dir, "--output-dir")
+    if not args.use_existing_tokenizer:
+        _ensure_writable_dir(args.tokenizer_dir, "--tokenizer-dir")
+
+    tok = _load_existing(args) if args.use_existing_tokenizer else _train(args)
+    folder = Path(args.tokenizer_dir)
+    tok_hash = tokenizer_sha256(folder / VOCAB_FILE, folder / MERGES_FILE)
+    out = Path(args.output_dir)
+    _tokenize("Tokenizing Training Data", args.train_path, out / "train.bin", tok, args, tok_hash)
+    if args.val_path:
+        _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 1 bad input, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output files were left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

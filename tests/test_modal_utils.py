@@ -1,0 +1,274 @@
+"""Volume operations of cs336_basics/modal_utils.py, run against the in-process stand-in for modal.Volume."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shlex
+import time
+
+import click
+import modal
+import modal.exception
+import pytest
+from fake_modal_volume import FakeUploadBatch, FakeVolume, parse_entrypoint_args
+
+from cs336_basics import modal_utils as mu
+from cs336_basics.tokenize_data import metadata_path
+
+# Every modal_utils.py command of COMPLETE_TRAINING_WORKFLOW.md, verbatim (continuation lines joined).
+WORKFLOW_COMMANDS = [
+    "--action upload --local-path data/train.bin --remote-name train.bin --data-type data",
+    "--action upload --local-path data/val.bin --remote-name val.bin --data-type data",
+    "--action list --data-type data",
+    "--action list --data-type checkpoint",
+    "--action download --remote-name checkpoint_final.pt --local-path checkpoints/checkpoint_final.pt "
+    "--data-type checkpoint",
+    "--action download --remote-name checkpoint_final.pt --local-path checkpoints/checkpoint_final.pt",
+    "--action delete --remote-name checkpoint_iter_5000.pt",
+]
+
+
+@pytest.fixture
+def vol(tmp_path):
+    return FakeVolume(tmp_path / "volume")
+
+
+def write_bin(path, n_tokens=1000, vocab_size=500):
+    """A tiny .bin plus its metadata sidecar, in tokenize_data's format."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.arange(n_tokens, dtype=np.uint16).__mod__(vocab_size).astype(np.uint16).tofile(path)
+    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": vocab_size, "num_tokens": n_tokens,
+            "special_tokens": ["<|endoftext|>"], "source": {"name": "x.txt", "size_bytes": 1}, "tokenizer_sha256": None}
+    metadata_path(path).write_text(json.dumps(meta))
+    return path
+
+
+# --- the stand-in cannot drift from modal.Volume ---------------------------------------------------------------
+
+
+def _public_methods(cls):
+    return [n for n, v in vars(cls).items() if not n.startswith("_") and callable(v)]
+
+
+def _params(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize(
+    "fake_cls, real_cls",
+    [(FakeVolume, modal.Volume), (FakeUploadBatch, modal.volume.AbstractVolumeUploadContextManager)],
+)
+def test_fake_volume_signatures_match_installed_modal(fake_cls, real_cls):
+    methods = _public_methods(fake_cls)
+    assert methods, "the stand-in offers no methods"
+    for name in methods:
+        assert hasattr(real_cls, name), f"modal {modal.__version__} {real_cls.__name__} has no method {name}"
+        assert _params(getattr(fake_cls, name)) == _params(getattr(real_cls, name)), name
+
+
+def test_every_volume_method_modal_utils_calls_is_in_the_stand_in():
+    import ast
+
+    tree = ast.parse(inspect.getsource(mu))
+    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and isinstance(n.func.value, ast.Name) and n.func.value.id == "volume"}
+    assert {"listdir", "read_file", "remove_file", "batch_upload"} <= called
+    assert called - {"hydrate"} <= set(_public_methods(FakeVolume)), called
+
+
+# --- upload / list / download / delete ----------------------------------------------------------------------
+
+
+def test_upload_list_download_round_trip(tmp_path, vol):
+    src = write_bin(tmp_path / "data" / "train.bin")
+    pairs = mu.upload(vol, src, "train.bin", "data", progress=True)
+    assert [dst for _, dst in pairs] == ["/data/train.bin", "/data/train.bin.json"]
+
+    files = mu.list_files(vol, "data")
+    assert [(f.name, f.size) for f in files] == [("train.bin", 2000), ("train.bin.json", metadata_path(src).stat().st_size)]
+    assert abs(files[0].mtime - time.time()) < 600
+    assert mu.list_files(vol, "checkpoint") == []
+
+    dest = mu.download(vol, "train.bin", tmp_path / "back" / "deep" / "t.bin", "data", progress=True)
+    assert dest.read_bytes() == src.read_bytes()
+    assert metadata_path(dest).read_text() == metadata_path(src).read_text()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["t.bin", "t.bin.json"]  # no temporary left behind
+
+
+def test_upload_never_silently_replaces(tmp_path, vol):
+    a = tmp_path / "a.pt"
+    a.write_bytes(b"first")
+    mu.upload(vol, a, "ckpt.pt", "checkpoint")
+    a.write_bytes(b"second")
+    with pytest.raises(mu.VolumeError, match=r"/checkpoints/ckpt.pt already exists.*--force"):
+        mu.upload(vol, a, "ckpt.pt", "checkpoint")
+    assert (vol.root / "checkpoints" / "ckpt.pt").read_bytes() == b"first"
+    mu.upload(vol, a, "ckpt.pt", "checkpoint", force=True)
+    assert (vol.root / "checkpoints" / "ckpt.pt").read_bytes() == b"second"
+
+
+def test_upload_defaults_remote_name_and_rejects_bad_input(tmp_path, vol):
+    f = tmp_path / "val.bin"
+    f.write_bytes(b"\x01\x00")
+    assert mu.upload(vol, f, None, "data") == [(str(f), "/data/val.bin")]  # no sidecar: only the .bin
+    with pytest.raises(mu.VolumeError, match=r"local file '.*missing.bin' does not exist.*prepare_data.py"):
+        mu.upload(vol, tmp_path / "missing.bin", "x.bin", "data")
+    with pytest.raises(mu.VolumeError, match="invalid --remote-name"):
+        mu.upload(vol, f, "../escape.bin", "data")
+    with pytest.raises(mu.VolumeError, match="unknown --data-type 'model'"):
+        mu.upload(vol, f, "x.bin", "model")
+
+
+def test_download_missing_lists_what_exists(tmp_path, vol):
+    for name in ("checkpoint_iter_5000.pt", "checkpoint_final.pt"):
+        p = tmp_path / name
+        p.write_bytes(b"x")
+        mu.upload(vol, p, name, "checkpoint")
+    with pytest.raises(mu.VolumeError) as err:
+        mu.download(vol, "checkpoint_100.pt", tmp_path / "out.pt", "checkpoint")
+    msg = str(err.value)
+    assert "'checkpoint_100.pt' not found in /checkpoints/" in msg
+    assert "checkpoint_final.pt, checkpoint_iter_5000.pt" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_download_refuses_to_replace_a_local_file_and_keeps_it_on_failure(tmp_path, vol):
+    p = tmp_path / "c.pt"
+    p.write_bytes(b"remote" * 1000)
+    mu.upload(vol, p, "c.pt", "checkpoint")
+    dest = tmp_path / "local" / "c.pt"
+    dest.parent.mkdir()
+    dest.write_bytes(b"keep me")
+    with pytest.raises(mu.VolumeError, match="already exists; pass --force"):
+        mu.download(vol, "c.pt", dest, "checkpoint")
+
+    class Broken(FakeVolume):
+        def read_file(self, path):
+            yield b"partial"
+            raise ConnectionResetError("network went away")
+
+    broken = Broken(vol.root)
+    with pytest.raises(ConnectionResetError):
+        mu.download(broken, "c.pt", dest, "checkpoint", force=True)
+    assert dest.read_bytes() == b"keep me"
+    assert sorted(x.name for x in dest.parent.iterdir()) == ["c.pt"]  # the partial download was removed
+
+    assert mu.download(vol, "c.pt", dest.parent, "checkpoint", force=True) == dest  # a folder as --local-path
+    assert dest.read_bytes() == b"remote" * 1000
+
+
+def test_delete_removes_file_and_metadata(tmp_path, vol):
+    mu.upload(vol, write_bin(tmp_path / "train.bin"), "train.bin", "data")
+    assert mu.delete(vol, "train.bin", "data") == ["/data/train.bin", "/data/train.bin.json"]
+    assert mu.list_files(vol, "data") == []
+    with pytest.raises(mu.VolumeError, match=r"'train.bin' not found in /data/.*holds: nothing.*--data-type checkpoint"):
+        mu.delete(vol, "train.bin", "data")
+
+
+def test_listing_shows_name_human_size_and_time(tmp_path, vol):
+    big = tmp_path / "checkpoint_final.pt"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
+    mu.upload(vol, big, "checkpoint_final.pt", "checkpoint")
+    text = mu.format_listing(mu.list_files(vol, "checkpoint"), "checkpoint")
+    line = next(l for l in text.splitlines() if "checkpoint_final.pt" in l)
+    assert "3.5 MiB" in line
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in line and "UTC" in line
+    assert "is empty" in mu.format_listing([], "data")
+    assert [mu.human_size(n) for n in (0, 1023, 1536, 5 * 1024**3)] == ["0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
+
+
+# --- CLI: the workflow's commands, parsed as `modal run` parses them -------------------------------------------
+
+
+def test_workflow_commands_parse_and_do_what_the_doc_says(tmp_path, vol, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_bin(tmp_path / "data" / "train.bin")
+    write_bin(tmp_path / "data" / "val.bin", n_tokens=100)
+    for name in ("checkpoint_final.pt", "checkpoint_iter_5000.pt"):
+        (vol.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (vol.root / "checkpoints" / name).write_bytes(name.encode())
+
+    outputs = []
+    for i, command in enumerate(WORKFLOW_COMMANDS):
+        if i == 5:  # the same download again, without --data-type: refuses to replace the local file
+            assert "checkpoints/checkpoint_final.pt' already exists; pass --force" in _error_of(vol, command)
+            (tmp_path / "checkpoints" / "checkpoint_final.pt").unlink()
+        kwargs = parse_entrypoint_args(mu.main, shlex.split(command))
+        outputs.append(mu.run_action(vol, progress=False, **kwargs))
+
+    assert sorted(p.name for p in (vol.root / "data").iterdir()) == ["train.bin", "train.bin.json", "val.bin", "val.bin.json"]
+    assert "train.bin" in outputs[2] and "checkpoint_final.pt" in outputs[3]
+    assert (tmp_path / "checkpoints" / "checkpoint_final.pt").read_bytes() == b"checkpoint_final.pt"
+    assert not (vol.root / "checkpoints" / "checkpoint_iter_5000.pt").exists()  # delete defaults to checkpoints
+    assert (vol.root / "checkpoints" / "checkpoint_final.pt").exists()
+
+
+def _error_of(vol, command):
+    kwargs = parse_entrypoint_args(mu.main, shlex.split(command))
+    with pytest.raises(mu.VolumeError) as err:
+        mu.run_action(vol, progress=False, **kwargs)
+    return str(err.value)
+
+
+def test_cli_rejects_bad_arguments(vol):
+    with pytest.raises(click.BadParameter):
+        parse_entrypoint_args(mu.main, ["--action", "copy"])
+    with pytest.raises(click.UsageError):
+        parse_entrypoint_args(mu.main, ["--remote-name", "x"])  # --action is required
+    assert "needs --local-path" in _error_of(vol, "--action upload --remote-name x.bin")
+    assert "needs --remote-name" in _error_of(vol, "--action download")
+    assert "unknown --data-type 'ckpt'" in _error_of(vol, "--action list --data-type ckpt")
+    listing = mu.run_action(vol, "list", progress=False)
+    assert "/data/ is empty" in listing and "/checkpoints/ is empty" in listing
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (modal.exception.AuthError("Token missing"), "modal setup"),
+        (modal.exception.ConnectionError("Could not connect"), "modal setup"),
+        (mu.VolumeError("bad name"), "error: bad name"),
+    ],
+)
+def test_entrypoint_prints_one_line_for_user_errors(monkeypatch, capsys, exc, expected):
+    def fail():
+        raise exc
+
+    monkeypatch.setattr(mu, "open_volume", fail)
+    with pytest.raises(SystemExit) as done:
+        mu.main.info.raw_f(action="list")
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_entrypoint_dispatches_to_the_volume(monkeypatch, capsys, vol):
+    monkeypatch.setattr(mu, "open_volume", lambda: vol)
+    mu.main.info.raw_f(action="list", data_type="data")
+    assert "/data/ is empty" in capsys.readouterr().out
+
+
+def test_upload_progress_adapter_follows_modal_callback_protocol():
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    cb = mu._TqdmTransfer(bar)
+    t0 = cb(name="data/train.bin", size=100)
+    t1 = cb(name="data/train.bin.json", size=10)
+    assert t0 != t1
+    cb(task_id=t0, advance=60)
+    cb(t1, advance=10)  # modal also passes task_id positionally
+    cb(task_id=t0, reset=True)  # a failed block is retried from zero
+    assert bar.n == 10
+    cb(task_id=t0, advance=100)
+    cb(task_id=t0, complete=True)
+    cb(complete=True)
+    assert bar.n == 110
