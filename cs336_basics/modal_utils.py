@@ -173,14 +173,14 @@ def download(
     remote_name: str,
     local_path: str | Path | None,
     data_type: str,
-    force: bool = False,
     *,
     progress: bool = False,
 ) -> Path:
     """Stream a volume file into ``local_path`` via a temporary file renamed on completion; returns the path.
 
     ``local_path`` may be an existing folder; it defaults to ``data/`` or ``checkpoints/`` plus the file name.
-    An existing local file is only replaced with ``force``.
+    An existing local file is replaced, but only once the new copy is complete (the download is what was asked for;
+    a failed download leaves the old file as it was).
     """
     found = _find(volume, remote_name, data_type)
     if found is None:
@@ -189,8 +189,6 @@ def download(
     dest = Path(local_path) if local_path else LOCAL_DIRS[data_type] / base
     if dest.is_dir():
         dest = dest / base
-    if dest.exists() and not force:
-        raise VolumeError(f"local file {str(dest)!r} already exists; pass --force to replace it")
     _stream_to_file(volume, remote_path(found.name, data_type), dest, found.size, progress)
     if data_type == "data" and base.endswith(".bin"):  # keep the metadata beside the tokens
         meta = _find(volume, metadata_name(found.name), data_type)
@@ -316,10 +314,18 @@ def run_action(
     if not remote_name:
         raise VolumeError(f"--action {action} needs --remote-name (see --action list --data-type {data_type})")
     if action == "download":
-        dest = download(volume, remote_name, local_path or None, data_type, force, progress=progress)
-        return f"Downloaded {VOLUME_NAME}:{remote_path(remote_name, data_type)} -> {dest}"
+        existed = _local_target_exists(local_path, remote_name, data_type)
+        dest = download(volume, remote_name, local_path or None, data_type, progress=progress)
+        note = " (replaced the existing local file)" if existed else ""
+        return f"Downloaded {VOLUME_NAME}:{remote_path(remote_name, data_type)} -> {dest}{note}"
     removed = delete(volume, remote_name, data_type)
     return "\n".join(f"Deleted {VOLUME_NAME}:{p}" for p in removed)
+
+
+def _local_target_exists(local_path: str | None, remote_name: str, data_type: str) -> bool:
+    base = PurePosixPath(remote_name).name
+    dest = Path(local_path) if local_path else LOCAL_DIRS[data_type] / base
+    return (dest / base).exists() if dest.is_dir() else dest.exists()
 
 
 def user_error_line(exc: BaseException) -> str | None:

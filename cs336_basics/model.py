@@ -252,7 +252,7 @@ class MultiHeadSelfAttention(nn.Module):
         return torch.arange(start, start + seq, device=device)
 
     def _forward_reference(self, x: Tensor, token_positions: Tensor | None, kv_cache: KVCache | None) -> Tensor:
-        *lead, seq, _ = x.shape
+        seq = x.shape[-2]
         h, dh = self.num_heads, self.head_dim
         # [..., seq, h*dh] -> [..., h, seq, dh]
         q = self.q_proj(x).unflatten(-1, (h, dh)).transpose(-3, -2)
@@ -394,6 +394,7 @@ class TransformerLM(nn.Module):
         counted without the causal halving. Backward costs twice the forward, hence the factor 3 for training.
         """
         t = self.context_length if seq_len is None else seq_len
-        n_matmul = self.num_layers * (4 * self.d_model**2 + 3 * self.d_model * self.d_ff) + self.d_model * self.vocab_size
+        d = self.d_model
+        n_matmul = self.num_layers * (4 * d * d + 3 * d * self.d_ff) + d * self.vocab_size
         forward = 2 * n_matmul + 4 * self.num_layers * t * self.d_model
         return 3 * forward if training else forward

@@ -11,6 +11,8 @@ Everything goes under --workdir (default runs/quickstart), so the project's data
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shlex
 import subprocess
 import sys
@@ -31,9 +33,6 @@ MODEL_OVERRIDES = [
     "training.batch_size=16",
     "training.max_lr=2e-3",
     "training.min_lr=2e-4",
-    "training.warmup_iters=30",
-    "training.log_interval=50",
-    "training.eval_interval=200",
     "training.eval_batches=8",
 ]
 
@@ -49,6 +48,11 @@ def _run(args: list[str], shown: str) -> None:
 
 def _show(script: str, args: list[str]) -> str:
     return "uv run python " + " ".join(shlex.quote(a) for a in [script, *args])
+
+
+def _read_metrics(checkpoint_dir: Path) -> list[dict]:
+    path = checkpoint_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             "--output-dir", rel(data), "--tokenizer-dir", rel(tokenizer)]
     _run(["prepare_data.py", *prep], _show("prepare_data.py", prep))
 
-    train = [f"model.vocab_size={args.vocab_size}", *MODEL_OVERRIDES, f"training.max_iters={args.max_iters}",
-             f"training.checkpoint_interval={args.max_iters // 2}", f"data.data_dir={rel(data)}",
+    iters = args.max_iters
+    train = [f"model.vocab_size={args.vocab_size}", *MODEL_OVERRIDES, f"training.max_iters={iters}",
+             f"training.warmup_iters={max(1, iters // 30)}", f"training.log_interval={max(1, iters // 20)}",
+             f"training.eval_interval={max(1, iters // 4)}", f"training.checkpoint_interval={max(1, iters // 2)}",
+             f"data.data_dir={rel(data)}",
              f"data.checkpoint_dir={rel(checkpoints)}", f"data.tokenizer_dir={rel(tokenizer)}"]
     _run(["cs336_basics/train.py", *train], _show("cs336_basics/train.py", train))
 
@@ -85,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
            "--prompt", args.prompt, "--max-new-tokens", "200", "--seed", "0"]
     _run(["cs336_basics/generate.py", *gen], _show("cs336_basics/generate.py", gen))
 
+    records = _read_metrics(checkpoints)
+    train_losses = [(r["iteration"], r["loss"]) for r in records if r.get("type") == "train"]
+    val_losses = [r["val_loss"] for r in records if r.get("type") == "val"]
+    if train_losses and val_losses:
+        (first_it, first), (last_it, last) = train_losses[0], train_losses[-1]
+        print(f"\nTraining loss {first:.3f} at iteration {first_it} -> {last:.3f} at iteration {last_it}; "
+              f"final validation loss {val_losses[-1]:.3f} (a uniform guess over {args.vocab_size} tokens: "
+              f"{math.log(args.vocab_size):.3f})")
     print(f"\n✓ Quickstart finished in {time.time() - start:.0f} s. Everything is under {rel(work)}/.")
     print("Next: the full TinyStories run (README.md, TRAINING_GUIDE.md) or Modal GPUs (MODAL_GUIDE.md).")
     return 0

@@ -136,15 +136,13 @@ def test_download_missing_lists_what_exists(tmp_path, vol):
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_download_refuses_to_replace_a_local_file_and_keeps_it_on_failure(tmp_path, vol):
+def test_download_replaces_a_local_file_only_when_complete(tmp_path, vol):
     p = tmp_path / "c.pt"
     p.write_bytes(b"remote" * 1000)
     mu.upload(vol, p, "c.pt", "checkpoint")
     dest = tmp_path / "local" / "c.pt"
     dest.parent.mkdir()
     dest.write_bytes(b"keep me")
-    with pytest.raises(mu.VolumeError, match="already exists; pass --force"):
-        mu.download(vol, "c.pt", dest, "checkpoint")
 
     class Broken(FakeVolume):
         def read_file(self, path):
@@ -153,11 +151,11 @@ def test_download_refuses_to_replace_a_local_file_and_keeps_it_on_failure(tmp_pa
 
     broken = Broken(vol.root)
     with pytest.raises(ConnectionResetError):
-        mu.download(broken, "c.pt", dest, "checkpoint", force=True)
+        mu.download(broken, "c.pt", dest, "checkpoint")
     assert dest.read_bytes() == b"keep me"
     assert sorted(x.name for x in dest.parent.iterdir()) == ["c.pt"]  # the partial download was removed
 
-    assert mu.download(vol, "c.pt", dest.parent, "checkpoint", force=True) == dest  # a folder as --local-path
+    assert mu.download(vol, "c.pt", dest.parent, "checkpoint") == dest  # a folder as --local-path
     assert dest.read_bytes() == b"remote" * 1000
 
 
@@ -194,11 +192,10 @@ def test_workflow_commands_parse_and_do_what_the_doc_says(tmp_path, vol, monkeyp
 
     outputs = []
     for i, command in enumerate(WORKFLOW_COMMANDS):
-        if i == 5:  # the same download again, without --data-type: refuses to replace the local file
-            assert "checkpoints/checkpoint_final.pt' already exists; pass --force" in _error_of(vol, command)
-            (tmp_path / "checkpoints" / "checkpoint_final.pt").unlink()
         kwargs = parse_entrypoint_args(mu.main, shlex.split(command))
         outputs.append(mu.run_action(vol, progress=False, **kwargs))
+        if i == 5:  # the same download again, without --data-type: the local copy is replaced, and it says so
+            assert outputs[-1].endswith("(replaced the existing local file)")
 
     assert sorted(p.name for p in (vol.root / "data").iterdir()) == ["train.bin", "train.bin.json", "val.bin", "val.bin.json"]
     assert "train.bin" in outputs[2] and "checkpoint_final.pt" in outputs[3]
