@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import operator
 import os
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,11 @@ TASK_SIZE = 16 << 20  # the file is cut into tasks of at most about this size (b
 POOL_MIN_BYTES = 2 << 20  # below this, pre-tokenize in-process: pool start-up would cost more than it saves
 
 _GRAPHIC = frozenset(range(0x21, 0x7F))  # printable, non-space ASCII
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is handled once, by the parent, not as a traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ def count_pretokens(
             return _count_range(str(path), 0, size, tuple(special_tokens), bar.update)
         total: Counter[str] = Counter()
         tasks = [(str(path), start, end, tuple(special_tokens)) for start, end in ranges]
-        with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
+        with multiprocessing.get_context().Pool(min(workers, len(tasks)), _ignore_sigint) as pool:
             for counts, nbytes in pool.imap_unordered(_count_task, tasks):
                 total.update(counts)
                 bar.update(nbytes)

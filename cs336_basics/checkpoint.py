@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from cs336_basics.fileio import atomic_output
 from cs336_basics.model import TransformerLM
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -60,19 +60,10 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     if not isinstance(out, (str, os.PathLike)):
         torch.save(state, out)
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(out) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_checkpoint(src: PathOrFile) -> dict[str, Any]:

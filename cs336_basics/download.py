@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cs336_basics.tokenize_data import atomic_output
+from cs336_basics.fileio import atomic_output
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _BLOCK = 1 << 20

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any, Literal
 import modal
 import modal.exception
 from modal.types import FileEntryType
+
+from cs336_basics.fileio import atomic_output
 
 VOLUME_NAME = "transformer-training-vol"
 REMOTE_DIRS = {"data": "data", "checkpoint": "checkpoints"}  # data type -> folder at the volume's root
@@ -214,11 +215,9 @@ def delete(volume: Any, remote_name: str, data_type: str) -> list[str]:
 def _stream_to_file(volume: Any, path: str, dest: Path, size: int, progress: bool) -> None:
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    try:
+    with atomic_output(dest) as tmp:
         with (
-            os.fdopen(fd, "wb") as out,
+            open(tmp, "wb") as out,
             tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress) as bar,
         ):
             for chunk in volume.read_file("/" + path):
@@ -227,11 +226,6 @@ def _stream_to_file(volume: Any, path: str, dest: Path, size: int, progress: boo
         written = os.path.getsize(tmp)
         if written != size:
             raise VolumeError(f"download of /{path} stopped after {written} of {size} bytes; run it again")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class _TqdmTransfer:

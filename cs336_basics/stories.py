@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cs336_basics.fileio import atomic_output
+
 GIRLS = ["Lily", "Mia", "Sue", "Anna", "Lucy", "Emma", "Zoe", "Amy", "Kate", "Rose", "Ella", "Sara", "Jane", "Molly", "Daisy", "Ruby"]
 BOYS = ["Tim", "Ben", "Sam", "Max", "Tom", "Jack", "Leo", "Joe", "Finn", "Bob", "Dan", "Noah", "Jake", "Eli", "Ollie", "Timmy"]
 ANIMALS = [
@@ -179,7 +181,6 @@ def generate_stories(num_stories: int, seed: int = 0) -> Iterator[str]:
 
 def write_corpus(path: str | Path, num_stories: int, seed: int = 0, separator: str = "<|endoftext|>") -> Path:
     """Write stories to ``path`` as TinyStories does ("story\\n<|endoftext|>\\nstory..."), atomically."""
-    from cs336_basics.tokenize_data import atomic_output  # local import keeps this module dependency-free
 
     path = Path(path)
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:

@@ -37,12 +37,13 @@ import re
 import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
+
+from cs336_basics.fileio import atomic_output
 
 FORMAT_VERSION = 1
 METADATA_SUFFIX = ".json"  # data/train.bin -> data/train.bin.json
@@ -76,23 +77,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 1 << 32:
         return np.dtype(np.uint32)
     raise ValueError(f"vocab_size {vocab_size:,} does not fit in uint32 token ids")
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
-
-    An interrupted or failed write never leaves a file at ``path`` that looks complete, and the
-    temporary file is removed on failure.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def metadata_path(bin_path: str | Path) -> Path:

@@ -19,13 +19,13 @@ import heapq
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Generator, Iterable, Iterator
 from itertools import chain, repeat
 from pathlib import Path
 
 import regex
 
+from cs336_basics.fileio import atomic_output
 from cs336_basics.gpt2 import load_gpt2_merges, load_gpt2_vocab
 from cs336_basics.pretokenize import GPT2_REGEX, special_token_regex
 
@@ -513,13 +513,5 @@ def _load_merges(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -41,6 +41,7 @@ from tqdm import tqdm
 from cs336_basics.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from cs336_basics.config import Config, ConfigError, config_to_dict, load_config
 from cs336_basics.data import get_batch, load_tokens
+from cs336_basics.fileio import atomic_output
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_gradients, cross_entropy
 from cs336_basics.optimizer import AdamW, get_lr_cosine_schedule
@@ -318,9 +319,8 @@ class MetricsLog:
                         kept.append(line)
                 except json.JSONDecodeError:
                     pass  # a line cut short by a crash
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.path is not None:

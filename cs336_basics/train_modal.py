@@ -35,7 +35,8 @@ from typing import Any
 import modal
 import modal.exception
 
-from cs336_basics.modal_utils import VOLUME_NAME, VolumeError, list_files, remote_path, user_error_line
+from cs336_basics.fileio import atomic_output
+from cs336_basics.modal_utils import VOLUME_NAME, list_files, remote_path, user_error_line
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MOUNT = "/vol"  # the volume's /data and /checkpoints are /vol/data and /vol/checkpoints in the container
@@ -255,9 +256,8 @@ def claim_launch(ckpt_dir: Path, launch_id: str) -> None:
     """Record ``launch_id`` as the launch now writing to ``ckpt_dir``."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     marker = ckpt_dir / LAUNCH_FILE
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"launch_id": launch_id, "started": time.time()}))
-    os.replace(tmp, marker)
+    with atomic_output(marker) as tmp:
+        tmp.write_text(json.dumps({"launch_id": launch_id, "started": time.time()}))
 
 
 def run_training(
@@ -449,8 +449,8 @@ def main(
     if "error" in result:
         _fail(f"error: {result['error']}")
     print(f"Finished: {json.dumps(result)}")
-    print(f"Download: modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt "
-          f"--local-path checkpoints/checkpoint_final.pt")
+    print("Download: modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt "
+          "--local-path checkpoints/checkpoint_final.pt")
 
 
 def _fail(line: str) -> None:
