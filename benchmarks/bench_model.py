@@ -25,34 +25,30 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cs336_basics.config import ModelConfig  # noqa: E402
 from cs336_basics.model import TransformerLM  # noqa: E402
 from cs336_basics.nn_utils import cross_entropy  # noqa: E402
 from cs336_basics.optimizer import AdamW  # noqa: E402
 
 
-@dataclass
-class Shape:
-    vocab_size: int = 10_000
-    context_length: int = 256
-    d_model: int = 512
-    num_layers: int = 4
-    num_heads: int = 16
-    d_ff: int = 1344
-    rope_theta: float = 10_000.0
+def tinystories_shape() -> ModelConfig:
+    """The CS336 TinyStories model: vocab 10k, context 256, d_model 512, d_ff 1344, 4 layers, 16 heads."""
+    return ModelConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
+                       rope_theta=10_000.0)
 
 
-def build_ours(shape: Shape, device, dtype) -> torch.nn.Module:
-    return TransformerLM(**vars(shape), device=device, dtype=dtype)
+def build_ours(shape: ModelConfig, device, dtype) -> torch.nn.Module:
+    return TransformerLM(**asdict(shape), device=device, dtype=dtype)
 
 
-def build_hf(shape: Shape, device, dtype) -> torch.nn.Module:
+def build_hf(shape: ModelConfig, device, dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_ff,
@@ -127,7 +123,7 @@ def interleaved_median_ms(cands: dict, n: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def bench_components(batch: int, shape: Shape, n: int) -> None:
+def bench_components(batch: int, shape: ModelConfig, n: int) -> None:
     """Forward + backward of single components, ours vs the alternatives, interleaved."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -211,7 +207,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shape = Shape()
+    shape = tinystories_shape()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape.vocab_size, (args.batch_size, shape.context_length + 1), generator=gen)
