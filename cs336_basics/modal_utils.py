@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import modal
+import modal.config
 import modal.exception
 from modal.types import FileEntryType
 
@@ -335,6 +336,25 @@ def user_error_line(exc: BaseException) -> str | None:
     if isinstance(exc, FileExistsError):
         return f"error: {exc}; pass --force to replace it"
     return None
+
+
+def exit_unless_credentials(argv: list[str] | None = None) -> None:
+    """Under ``modal run`` on this machine with no Modal credentials, stop with one line saying to run ``modal setup``.
+
+    Called when the module is imported: ``modal run`` imports the file before it connects, and the client's own
+    error would come later and name another command.
+    """
+    argv = sys.argv if argv is None else argv
+    if Path(argv[0]).name != "modal" or argv[1:2] != ["run"] or not modal.is_local():
+        return
+    settings = modal.config.config
+    if any(settings.get(key) for key in ("token_id", "token_secret", "oauth_refresh_token", "oauth_client_id")):
+        return
+    print(f"error: no Modal credentials on this machine: {SETUP_HINT}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+exit_unless_credentials()
 
 
 def open_volume() -> Any:

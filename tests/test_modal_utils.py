@@ -269,3 +269,19 @@ def test_upload_progress_adapter_follows_modal_callback_protocol():
     cb(task_id=t0, complete=True)
     cb(complete=True)
     assert bar.n == 110
+
+
+def test_modal_run_without_credentials_says_run_modal_setup(monkeypatch, capsys):
+    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_OAUTH_REFRESH_TOKEN", "MODAL_OAUTH_CLIENT_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(mu.modal.config.config, "get", lambda key, **kw: None)
+    with pytest.raises(SystemExit) as exc:
+        mu.exit_unless_credentials(["/usr/bin/modal", "run", "cs336_basics/modal_utils.py", "--action", "list"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `modal setup`" in err
+
+    # Credentials present, or not under `modal run` (tests, imports, the container): nothing happens.
+    mu.exit_unless_credentials(["pytest"])
+    monkeypatch.setattr(mu.modal.config.config, "get", lambda key, **kw: "ak-123" if key == "token_id" else None)
+    mu.exit_unless_credentials(["/usr/bin/modal", "run", "cs336_basics/modal_utils.py"])
