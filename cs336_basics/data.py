@@ -9,6 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from cs336_basics.device import DeviceError, check_device
+
 
 def load_tokens(path: str | os.PathLike) -> np.memmap:
     """Memory-map a token file written by prepare_data (``.bin``), read-only.
@@ -46,7 +48,10 @@ def get_batch(dataset: npt.NDArray, batch_size: int, context_length: int, device
     (pinned memory and a non-blocking copy for CUDA).
     """
     device = torch.device(device)
-    _check_device(device)
+    try:
+        check_device(device)
+    except DeviceError as exc:
+        raise DeviceError(f"device {device} requested but {exc}") from None
     n_starts = len(dataset) - context_length
     if n_starts < 1:
         raise ValueError(f"dataset of {len(dataset)} tokens is too short for context_length {context_length} "
@@ -62,14 +67,3 @@ def get_batch(dataset: npt.NDArray, batch_size: int, context_length: int, device
     elif device.type != "cpu":
         tokens = tokens.to(device)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
-def _check_device(device: torch.device) -> None:
-    """Raise a clear error for a device this machine does not have (instead of a deep CUDA traceback)."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {device} requested but MPS is not available on this machine")

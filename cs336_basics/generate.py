@@ -25,6 +25,9 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 
 import torch
 
+from cs336_basics.device import DeviceError
+from cs336_basics.device import pick_device as choose_device
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -200,22 +203,11 @@ class UserError(Exception):
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu; otherwise the named device (checked to exist)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+    """``--device``: auto (cuda, then mps, then cpu) or a device that exists here; else a UserError."""
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
-    return device
+        return choose_device(name)
+    except DeviceError as exc:
+        raise UserError(f"--device {name}: {exc}; use --device cpu or auto") from None
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

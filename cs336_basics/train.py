@@ -41,6 +41,7 @@ from tqdm import tqdm
 from cs336_basics.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from cs336_basics.config import Config, ConfigError, config_to_dict, load_config
 from cs336_basics.data import get_batch, load_tokens
+from cs336_basics.device import DeviceError, pick_device
 from cs336_basics.fileio import atomic_output
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_gradients, cross_entropy
@@ -88,24 +89,14 @@ def dist_info_from_env() -> DistInfo:
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; under torchrun each CUDA process gets GPU ``LOCAL_RANK``."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available() and not info.enabled:
-            name = "mps"
-        else:
-            name = "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"training.device={name} but CUDA is not available here: use training.device=auto or cpu")
-        if info.enabled:
-            device = torch.device("cuda", info.local_rank)
-    elif device.type == "mps":
-        if info.enabled:
-            raise TrainingError("data-parallel training on mps is not supported: run without torchrun")
-        if not torch.backends.mps.is_available():
-            raise TrainingError("training.device=mps but MPS is not available here: use training.device=auto or cpu")
+    if info.enabled and name.startswith("mps"):
+        raise TrainingError("data-parallel training on mps is not supported: run without torchrun")
+    try:
+        device = pick_device(name, allow_mps=not info.enabled)
+    except DeviceError as exc:
+        raise TrainingError(f"training.device={name}: {exc}: use training.device=auto or cpu") from None
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     return device
 
 

@@ -1,0 +1,36 @@
+"""Choosing the torch device: ``auto`` picks cuda, then mps, then cpu; a named device must exist on this machine."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The requested device does not exist here; the message is one line saying why."""
+
+
+def check_device(device: torch.device) -> None:
+    """Raise DeviceError for a device this machine does not have (instead of a deep CUDA traceback later)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"only {torch.cuda.device_count()} CUDA device(s) exist on this machine")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("MPS is not available on this machine")
+
+
+def pick_device(name: str = "auto", *, allow_mps: bool = True) -> torch.device:
+    """``auto`` -> cuda, then mps (when allowed), then cpu; otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if allow_mps and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    check_device(device)
+    return device
