@@ -9,6 +9,7 @@ after warm-up. Default shape: the CS336 TinyStories model (vocab 10k, context 25
     uv run python benchmarks/bench_model.py --quick    # fewer steps
     uv run python benchmarks/bench_model.py --optimizer torch   # torch.optim.AdamW for both models
     uv run python benchmarks/bench_model.py --compile  # adds torch.compile rows for both (slow to start)
+    uv run python benchmarks/bench_model.py --floor    # adds our GEMMs + attention kernels replayed alone
     uv run python benchmarks/bench_model.py --device cuda --dtype bfloat16 --batch-size 64   # e.g. on an H100
 
 MFU: model FLOPs per token (TransformerLM.flops_per_token: 6 N_matmul + 12 L d T) x tokens/s, divided by a peak:
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from math import prod as math_prod
 from dataclasses import asdict
 
 import torch
@@ -78,6 +80,59 @@ def make_step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         return loss.item()
 
     return step
+
+
+def record_kernels(step) -> list:
+    """The GEMMs (mm/addmm/bmm/baddbmm) and attention kernels one training step dispatches, forward and backward.
+
+    GEMM arguments are kept as (shape, stride, dtype, device): their speed does not depend on the values. Attention
+    arguments are cloned, since its exp and masking see the real values (random ones could hit slow denormals).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gemms = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.baddbmm.default}
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in gemms:
+                calls.append(("gemm", func, [(a.shape, a.stride(), a.dtype, a.device)
+                                             if isinstance(a, torch.Tensor) else a for a in args], kwargs))
+            elif "scaled_dot_product" in func.name():
+                calls.append(("attention", func, [a.clone() if isinstance(a, torch.Tensor) else a for a in args],
+                              kwargs))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        step()
+    return calls
+
+
+def gemm_flops(calls: list) -> float:
+    """2*M*K*N summed over the recorded GEMMs (the last two arguments are the multiplied matrices)."""
+    return sum(2 * math_prod(args[-2][0]) * args[-1][0][-1] for kind, _, args, _ in calls if kind == "gemm")
+
+
+def make_kernel_replay(calls: list, sync):
+    """A callable that runs the recorded kernels again (GEMMs on random tensors of the same shapes and strides): the
+    time a step would take if everything else in it (norms, SwiGLU, RoPE, loss, optimizer, ...) cost nothing."""
+    def materialise(spec):
+        if isinstance(spec, tuple) and len(spec) == 4 and isinstance(spec[0], torch.Size):
+            shape, stride, dtype, device = spec
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+        return spec
+
+    prepared = [(func, [materialise(a) for a in args] if kind == "gemm" else args, kwargs)
+                for kind, func, args, kwargs in calls]
+
+    def replay() -> None:
+        for func, args, kwargs in prepared:
+            func(*args, **kwargs)
+        sync()
+
+    return replay
 
 
 def cpu_peak_flops(threads: int) -> tuple[float, str]:
@@ -195,6 +250,8 @@ def main() -> None:
                    help="ours: our AdamW (foreach) for ours, torch.optim.AdamW for HF; torch: torch's for both")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--floor", action="store_true",
+                   help="also time ours' GEMMs and attention kernels alone (replayed): the floor for everything else")
     p.add_argument("--profile", action="store_true", help="print the top ops of one step of ours (torch.profiler)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for the MFU on CUDA")
     p.add_argument("--components", action="store_true",
@@ -242,13 +299,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, dtype {args.dtype}, "
           f"batch {args.batch_size} x {shape.context_length} tokens, optimizer: {args.optimizer}")
     print(f"shape: {vars(shape)}; params ours {n_params['ours']:,}, HF {n_params['hf_llama']:,}")
+    gemm_floor = None
+    if args.floor:
+        calls = record_kernels(steps["ours"])
+        steps["ours_gemms_only"] = make_kernel_replay(
+            [c for c in calls if c[0] == "gemm"], sync)
+        steps["ours_gemms_attention"] = make_kernel_replay(calls, sync)
+        gemm_floor = (sum(c[0] == "gemm" for c in calls), sum(c[0] == "attention" for c in calls), gemm_flops(calls))
     first_loss = {}
     for n, step in steps.items():
         t0 = time.perf_counter()
         first_loss[n] = step()
         for _ in range(args.warmup - 1):
             step()
-        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s, first loss {first_loss[n]:.3f}")
+        loss = "" if first_loss[n] is None else f", first loss {first_loss[n]:.3f}"
+        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s{loss}")
     times = {n: [] for n in steps}
     for _ in range(args.steps):
         for n, step in steps.items():  # interleaved so background load affects every model alike
@@ -269,6 +334,8 @@ def main() -> None:
         med = statistics.median(ts)
         tps[n] = ntok / med
     for n, ts in times.items():
+        if n.startswith("ours_gemms"):
+            continue
         med = statistics.median(ts)
         base = tps["hf_llama_compiled" if n.endswith("compiled") else "hf_llama"]
         achieved = tps[n] * fpt
@@ -277,6 +344,18 @@ def main() -> None:
     best = {n: min(ts) for n, ts in times.items()}
     print(f"\nratio ours / HF (eager): {tps['ours'] / tps['hf_llama']:.2f}x by median step of {args.steps} interleaved "
           f"steps, {best['hf_llama'] / best['ours']:.2f}x by fastest step (least disturbed by other load)")
+    if gemm_floor is not None:
+        n_gemm, n_attn, flops = gemm_floor
+        hf, ours = statistics.median(times["hf_llama"]), statistics.median(times["ours"])
+        gemm = statistics.median(times["ours_gemms_only"])
+        both = statistics.median(times["ours_gemms_attention"])
+        print(f"\nFloor (ours' kernels replayed, median):\n"
+              f"  {n_gemm} GEMMs ({flops / 1e9:.0f} GFLOP): {gemm * 1e3:.0f} ms = {flops / gemm / 1e9:.0f} GFLOP/s, "
+              f"{gemm / ours:.0%} of our step; a step of nothing else would be {hf / gemm:.2f}x HF\n"
+              f"  + {n_attn} attention kernels (forward + backward): {both * 1e3:.0f} ms, {both / ours:.0%} of our step; "
+              f"a step of nothing else would be {hf / both:.2f}x HF\n"
+              f"  1.25x HF needs a step <= {hf / 1.25 * 1e3:.0f} ms, leaving {(hf / 1.25 - both) * 1e3:.0f} ms for "
+              f"everything but GEMMs and attention (ours spends {(ours - both) * 1e3:.0f} ms there now)")
     if device.type == "cpu":
         h100 = 989e12
         print(f"H100 estimate: MFU = tokens/s x {fpt / 1e6:.1f} MFLOP / 989 TFLOP/s; e.g. 400k tokens/s would be "
