@@ -26,8 +26,8 @@ import statistics
 import subprocess
 import sys
 import time
-from math import prod as math_prod
 from dataclasses import asdict
+from math import prod as math_prod
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +83,12 @@ def make_step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def record_kernels(step) -> list:
-    """The GEMMs (mm/addmm/bmm/baddbmm) and attention kernels one training step dispatches, forward and backward.
+    """The GEMMs (mm/addmm/bmm/baddbmm) and attention kernels one training step dispatches, forward and backward,
+    as (kind, op, args, kwargs) ready to run again.
 
-    GEMM arguments are kept as (shape, stride, dtype, device): their speed does not depend on the values. Attention
-    arguments are cloned, since its exp and masking see the real values (random ones could hit slow denormals).
+    GEMM arguments are replaced by random tensors of the same shape and stride: their speed does not depend on the
+    values. Attention arguments are cloned, since its exp and masking see the real values (random ones could hit
+    slow denormals).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -94,12 +96,15 @@ def record_kernels(step) -> list:
              torch.ops.aten.baddbmm.default}
     calls = []
 
+    def random_like(a):
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).normal_()
+
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func in gemms:
-                calls.append(("gemm", func, [(a.shape, a.stride(), a.dtype, a.device)
-                                             if isinstance(a, torch.Tensor) else a for a in args], kwargs))
+                calls.append(("gemm", func, [random_like(a) if isinstance(a, torch.Tensor) else a for a in args],
+                              kwargs))
             elif "scaled_dot_product" in func.name():
                 calls.append(("attention", func, [a.clone() if isinstance(a, torch.Tensor) else a for a in args],
                               kwargs))
@@ -112,23 +117,14 @@ def record_kernels(step) -> list:
 
 def gemm_flops(calls: list) -> float:
     """2*M*K*N summed over the recorded GEMMs (the last two arguments are the multiplied matrices)."""
-    return sum(2 * math_prod(args[-2][0]) * args[-1][0][-1] for kind, _, args, _ in calls if kind == "gemm")
+    return sum(2 * math_prod(args[-2].shape) * args[-1].shape[-1] for kind, _, args, _ in calls if kind == "gemm")
 
 
 def make_kernel_replay(calls: list, sync):
-    """A callable that runs the recorded kernels again (GEMMs on random tensors of the same shapes and strides): the
-    time a step would take if everything else in it (norms, SwiGLU, RoPE, loss, optimizer, ...) cost nothing."""
-    def materialise(spec):
-        if isinstance(spec, tuple) and len(spec) == 4 and isinstance(spec[0], torch.Size):
-            shape, stride, dtype, device = spec
-            return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
-        return spec
-
-    prepared = [(func, [materialise(a) for a in args] if kind == "gemm" else args, kwargs)
-                for kind, func, args, kwargs in calls]
-
+    """A callable that runs the recorded kernels again: the time a step would take if everything else in it (norms,
+    SwiGLU, RoPE, loss, optimizer, ...) cost nothing."""
     def replay() -> None:
-        for func, args, kwargs in prepared:
+        for _, func, args, kwargs in calls:
             func(*args, **kwargs)
         sync()
 
@@ -299,13 +295,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, dtype {args.dtype}, "
           f"batch {args.batch_size} x {shape.context_length} tokens, optimizer: {args.optimizer}")
     print(f"shape: {vars(shape)}; params ours {n_params['ours']:,}, HF {n_params['hf_llama']:,}")
-    gemm_floor = None
+    kernels = []
     if args.floor:
-        calls = record_kernels(steps["ours"])
-        steps["ours_gemms_only"] = make_kernel_replay(
-            [c for c in calls if c[0] == "gemm"], sync)
-        steps["ours_gemms_attention"] = make_kernel_replay(calls, sync)
-        gemm_floor = (sum(c[0] == "gemm" for c in calls), sum(c[0] == "attention" for c in calls), gemm_flops(calls))
+        kernels = record_kernels(steps["ours"])
+        steps["ours_gemms_only"] = make_kernel_replay([c for c in kernels if c[0] == "gemm"], sync)
+        steps["ours_gemms_attention"] = make_kernel_replay(kernels, sync)
     first_loss = {}
     for n, step in steps.items():
         t0 = time.perf_counter()
@@ -344,8 +338,9 @@ def main() -> None:
     best = {n: min(ts) for n, ts in times.items()}
     print(f"\nratio ours / HF (eager): {tps['ours'] / tps['hf_llama']:.2f}x by median step of {args.steps} interleaved "
           f"steps, {best['hf_llama'] / best['ours']:.2f}x by fastest step (least disturbed by other load)")
-    if gemm_floor is not None:
-        n_gemm, n_attn, flops = gemm_floor
+    if kernels:
+        n_gemm = sum(kind == "gemm" for kind, *_ in kernels)
+        n_attn, flops = len(kernels) - n_gemm, gemm_flops(kernels)
         hf, ours = statistics.median(times["hf_llama"]), statistics.median(times["ours"])
         gemm = statistics.median(times["ours_gemms_only"])
         both = statistics.median(times["ours_gemms_attention"])
