@@ -22,11 +22,13 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
     sys.path.insert(0, str(_here.parent))
 
 import argparse
+import gc
 import json
 import math
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -375,9 +377,23 @@ def train(
         started_group = True
     try:
         return _train(cfg, info, wandb, run_name, resume, init_from, on_checkpoint)
+    except BaseException as exc:
+        if started_group:  # the traceback's frames hold the DDP wrapper, whose reducer holds the process group
+            traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         if started_group:
-            dist.destroy_process_group()
+            close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the default process group after every object using it (DDP's reducer) is gone.
+
+    A gloo group destroyed while a DDP reducer still references it is freed later, during interpreter shutdown,
+    where its threads can abort the process ("terminate called without an active exception").
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _train(cfg, info, use_wandb, run_name, resume, init_from, on_checkpoint) -> dict:

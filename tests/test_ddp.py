@@ -125,35 +125,42 @@ def test_two_ranks_with_half_batches_match_one_process(runs):
 
 def _worker(root: Path) -> None:
     """Body of launch 2: one process per rank; train() finds the process group already set up."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from cs336_basics.config import load_config
-    from cs336_basics.model import TransformerLM
-    from cs336_basics.train import forward_backward, train
+    from cs336_basics.train import close_process_group, train
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(rank)  # a different init per rank: DDP must broadcast rank 0's weights
-        model = TransformerLM(**GRAD_MODEL)
-        ddp = DDP(model)
-        x, y = grad_batch()
-        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        result = {"weights": [p.detach().clone() for p in model.parameters()]}
-        for accum in (1, 2):  # accum 2 takes the no_sync path for the first micro-batch
-            model.zero_grad(set_to_none=True)
-            result[f"loss{accum}"] = forward_backward(ddp, list(zip(xs.chunk(accum), ys.chunk(accum))))
-            result[accum] = [p.grad.clone() for p in model.parameters()]
-        torch.save(result, root / f"grads.{rank}.pt")
-
+        _ddp_gradients(root, rank, world)  # its DDP wrapper is gone when it returns
         cut = [f"data.checkpoint_dir={root / 'cut'}"]
         train(load_config(None, tiny_overrides(root, **dict(SCHEDULE, max_iters=4)) + cut))
         written = []
         train(load_config(None, tiny_overrides(root, **SCHEDULE) + cut), resume=True,
               on_checkpoint=lambda path: written.append(path.name))
         (root / f"callbacks.{rank}.json").write_text(json.dumps(written))
+        dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
-        dist.destroy_process_group()
+        close_process_group()
+
+
+def _ddp_gradients(root: Path, rank: int, world: int) -> None:
+    """Gradients of DDP on this rank's half batch, with 1 and 2 micro-batches, saved to grads.RANK.pt."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from cs336_basics.model import TransformerLM
+    from cs336_basics.train import forward_backward
+
+    torch.manual_seed(rank)  # a different init per rank: DDP must broadcast rank 0's weights
+    model = TransformerLM(**GRAD_MODEL)
+    ddp = DDP(model)
+    x, y = grad_batch()
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    result = {"weights": [p.detach().clone() for p in model.parameters()]}
+    for accum in (1, 2):  # accum 2 takes the no_sync path for the first micro-batch
+        model.zero_grad(set_to_none=True)
+        result[f"loss{accum}"] = forward_backward(ddp, list(zip(xs.chunk(accum), ys.chunk(accum))))
+        result[accum] = [p.grad.clone() for p in model.parameters()]
+    torch.save(result, root / f"grads.{rank}.pt")
 
 
 if __name__ == "__main__":

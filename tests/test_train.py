@@ -229,11 +229,13 @@ def test_wandb_offline_run_and_resume_keep_one_run_id(root, monkeypatch):
     train(tiny_config(root, max_iters=4), wandb=True, run_name="tiny")
     run_id = read_checkpoint(root / "ckpt" / "checkpoint_final.pt")["wandb_run_id"]
     assert run_id
-    runs = sorted((root / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and runs[0].name.endswith(run_id) and any(runs[0].glob("*.wandb"))
+    # W&B writes each offline session to its own folder (named by start time, with a suffix when two start within
+    # the same second), holding run-<id>.wandb: the id inside is what must stay the same across the resume.
+    runs = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [r.name for r in runs] == [f"run-{run_id}.wandb"]
     train(tiny_config(root, max_iters=8), wandb=True, resume=True)
-    runs = sorted((root / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    runs = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and {r.name for r in runs} == {f"run-{run_id}.wandb"}
     assert read_checkpoint(root / "ckpt" / "checkpoint_final.pt")["wandb_run_id"] == run_id
 
 

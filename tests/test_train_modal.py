@@ -387,12 +387,14 @@ def test_multi_gpu_path_runs_the_launcher_and_commits_each_checkpoint(project, m
     save_checkpoint(torch.nn.Linear(1, 1), None, 4, made)
     script = root / "fake_torchrun.py"
     script.write_text(
-        "import shutil, sys, time\n"
+        "import os, shutil, sys, time\n"
         "config, ckpts, made, code = sys.argv[1:5]\n"
         "shutil.copy(config, ckpts + '/../seen_config.yaml')\n"
         "shutil.copy(made, ckpts + '/.checkpoint_iter_2.pt.tmp')\n"
         "shutil.move(ckpts + '/.checkpoint_iter_2.pt.tmp', ckpts + '/checkpoint_iter_2.pt')\n"
-        "time.sleep(1.0)\n"
+        "deadline = time.monotonic() + 120\n"  # wait until the watcher has committed checkpoint_iter_2
+        "while not os.path.exists(ckpts + '/../committed') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
         "shutil.copy(made, ckpts + '/checkpoint_final.pt')\n"
         "sys.exit(int(code))\n"
     )
@@ -404,7 +406,13 @@ def test_multi_gpu_path_runs_the_launcher_and_commits_each_checkpoint(project, m
         return [sys.executable, str(script), str(config_file), str(vol.root / "checkpoints"), str(made), exit_code[0]]
 
     monkeypatch.setattr(tm, "torchrun_command", command)
-    commits = Commits()
+    counted = Commits()
+
+    def commits():  # tells the fake torchrun that a commit happened while checkpoint_iter_2 existed
+        counted()
+        if (vol.root / "checkpoints" / "checkpoint_iter_2.pt").exists():
+            (vol.root / "committed").touch()
+
     from cs336_basics.config import config_to_dict
 
     config = config_to_dict(load_config("tiny.yaml", ["training.batch_size=8"]))
@@ -412,7 +420,7 @@ def test_multi_gpu_path_runs_the_launcher_and_commits_each_checkpoint(project, m
     assert launched == [(8, False, "r", False)]
     assert result == {"iteration": 4, "checkpoint": str(vol.root / "checkpoints" / "checkpoint_final.pt"),
                       "resumed": False}
-    assert commits.n >= 4  # claim, checkpoint_iter_2 (seen while running), checkpoint_final, end
+    assert counted.n >= 4  # claim, checkpoint_iter_2 (seen while running), checkpoint_final, end
     seen = load_config(vol.root / "seen_config.yaml")  # what the training processes were given
     assert seen.data.data_dir == str(vol.root / "data") and seen.data.checkpoint_dir == str(vol.root / "checkpoints")
     assert seen.training.batch_size == 8
