@@ -27,7 +27,6 @@ import math
 import multiprocessing
 import operator
 import os
-import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,18 +36,18 @@ import numpy as np
 from tqdm import tqdm
 
 from cs336_basics.gpt2 import bytes_to_unicode
-from cs336_basics.pretokenize import GPT2_REGEX, find_chunk_boundaries, special_token_regex, split_on_special
+from cs336_basics.pretokenize import (
+    POOL_MIN_BYTES,
+    SafeCuts,
+    find_safe_boundaries,
+    ignore_sigint,
+    pretokenize,
+    special_token_regex,
+    split_on_special,
+)
 
 READ_SIZE = 1 << 20  # a worker reads its byte range in pieces of about this size
 TASK_SIZE = 16 << 20  # the file is cut into tasks of at most about this size (bounds worker memory)
-POOL_MIN_BYTES = 2 << 20  # below this, pre-tokenize in-process: pool start-up would cost more than it saves
-
-_GRAPHIC = frozenset(range(0x21, 0x7F))  # printable, non-space ASCII
-
-
-def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is handled once, by the parent, not as a traceback from every worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +107,9 @@ def count_pretokens(
 ) -> Counter[str]:
     """Count the GPT-2 pre-tokens of a UTF-8 file, special tokens excluded.
 
-    Large files are cut into byte ranges at special-token occurrences and counted in parallel
-    processes, each streaming its own range; small files (or a single range) are counted here.
+    Large files are cut into byte ranges at safe cuts (:func:`~cs336_basics.pretokenize.find_safe_boundaries`)
+    and counted in parallel processes, each streaming its own range; small files (or a single range) are
+    counted here.
     """
     path = Path(input_path)
     size = path.stat().st_size  # FileNotFoundError names the path
@@ -119,7 +119,9 @@ def count_pretokens(
     bounds = [0, size]
     if workers > 1 and size >= POOL_MIN_BYTES:
         # A few tasks per worker balance the load when one worker is slowed down.
-        bounds = _task_boundaries(path, size, max(4 * workers, math.ceil(size / TASK_SIZE)), special_tokens)
+        num_tasks = max(4 * workers, math.ceil(size / TASK_SIZE))
+        with open(path, "rb") as f:
+            bounds = find_safe_boundaries(f, math.ceil(size / num_tasks), special_tokens)
     ranges = list(zip(bounds[:-1], bounds[1:]))
 
     with tqdm(total=size, unit="B", unit_scale=True, desc="pre-tokenize", disable=not progress) as bar:
@@ -127,7 +129,7 @@ def count_pretokens(
             return _count_range(str(path), 0, size, tuple(special_tokens), bar.update)
         total: Counter[str] = Counter()
         tasks = [(str(path), start, end, tuple(special_tokens)) for start, end in ranges]
-        with multiprocessing.get_context().Pool(min(workers, len(tasks)), _ignore_sigint) as pool:
+        with multiprocessing.get_context().Pool(min(workers, len(tasks)), ignore_sigint) as pool:
             for counts, nbytes in pool.imap_unordered(_count_task, tasks):
                 total.update(counts)
                 bar.update(nbytes)
@@ -354,67 +356,6 @@ def _pop_best(heap: list, pair_counts: dict[int, int]) -> int | None:
 # Pre-tokenization internals
 
 
-def _task_boundaries(path: Path, size: int, num_tasks: int, special_tokens: Sequence[str]) -> list[int]:
-    """Byte offsets cutting the file into about ``num_tasks`` ranges that can be counted independently."""
-    with open(path, "rb") as f:
-        if special_tokens:
-            bounds = find_chunk_boundaries(f, num_tasks, [t.encode("utf-8") for t in special_tokens])
-            if len(bounds) > 2 or not _newline_cuts_allowed(special_tokens):
-                return bounds
-        # No special token to cut at: cut at safe newlines instead.
-        bounds = [0]
-        for k in range(1, num_tasks):
-            cut = _next_newline_cut(f, max(k * size // num_tasks, bounds[-1]))
-            if cut is None:
-                break
-            if cut > bounds[-1]:
-                bounds.append(cut)
-        if bounds[-1] < size:
-            bounds.append(size)
-        return bounds
-
-
-def _newline_cuts_allowed(special_tokens: Sequence[str]) -> bool:
-    """Safe newline cuts (see :func:`_last_newline_cut`) cannot split a special token without a newline."""
-    return not any("\n" in t for t in special_tokens)
-
-
-def _last_newline_cut(data: bytes) -> int:
-    """The last offset just after a ``\\n`` that sits between two printable non-space ASCII bytes, or 0.
-
-    Cutting the text there changes no pre-token: in the GPT-2 pattern only whitespace runs can hold
-    a newline, this newline is a whitespace run of its own on both sides of the cut (``\\s+`` in the
-    whole text, ``\\s+(?!\\S)`` at the end of the left part), and the next pre-token starts right after
-    it. It is also a UTF-8 character boundary.
-    """
-    end = len(data) - 1
-    while True:
-        j = data.rfind(b"\n", 1, end)
-        if j < 1:
-            return 0
-        if data[j - 1] in _GRAPHIC and data[j + 1] in _GRAPHIC:
-            return j + 1
-        end = j
-
-
-def _next_newline_cut(f, pos: int, probe: int = 1 << 16) -> int | None:
-    """The first safe newline cut at or after ``pos`` in file ``f`` (None if there is none)."""
-    while True:
-        f.seek(max(pos - 1, 0))
-        block = f.read(probe)
-        if len(block) < 3:
-            return None
-        j = 1
-        while True:
-            j = block.find(b"\n", j, len(block) - 1)
-            if j < 1:
-                break
-            if block[j - 1] in _GRAPHIC and block[j + 1] in _GRAPHIC:
-                return max(pos - 1, 0) + j + 1
-            j += 1
-        pos = max(pos - 1, 0) + len(block) - 1
-
-
 def _count_task(task: tuple[str, int, int, tuple[str, ...]]) -> tuple[Counter[str], int]:
     """Worker entry point: count one byte range; returns the counts and the range length."""
     path, start, end, specials = task
@@ -424,13 +365,13 @@ def _count_task(task: tuple[str, int, int, tuple[str, ...]]) -> tuple[Counter[st
 def _count_range(
     path: str, start: int, end: int, special_tokens: Sequence[str], on_bytes: Callable[[int], object] | None = None
 ) -> Counter[str]:
-    """Count pre-tokens in ``path[start:end]``, reading it in pieces cut at safe newlines.
+    """Count pre-tokens in ``path[start:end]``, reading it in pieces cut at safe cuts.
 
-    ``start`` and ``end`` must be safe cuts (special-token starts, safe newlines, file ends). Without a safe newline
-    (or when a special token contains a newline) the pieces grow until the range end.
+    ``start`` and ``end`` must be safe cuts (see :mod:`cs336_basics.pretokenize`). Without a safe cut the
+    pieces grow until the range end.
     """
     special_rx = special_token_regex(special_tokens)
-    newline_ok = _newline_cuts_allowed(special_tokens)
+    cutter = SafeCuts(special_tokens)
     counts: Counter[str] = Counter()
     with open(path, "rb") as f:
         f.seek(start)
@@ -442,7 +383,7 @@ def _count_range(
                 break
             pos += len(block)
             pending += block
-            cut = len(pending) if pos >= end else (_last_newline_cut(pending) if newline_ok else 0)
+            cut = len(pending) if pos >= end else cutter.last(pending)
             if cut:
                 _count_text(_decode(pending[:cut], path, offset), special_rx, counts)
                 if on_bytes is not None:
@@ -468,4 +409,4 @@ def _count_text(text: str, special_rx, counts: Counter[str]) -> None:
     """Add the pre-tokens of ``text`` (specials split off and skipped) to ``counts``."""
     for piece, is_special in split_on_special(text, special_rx):
         if not is_special:
-            counts.update(GPT2_REGEX.findall(piece))
+            counts.update(pretokenize(piece))

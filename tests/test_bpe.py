@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cs336_basics import bpe
 from cs336_basics.bpe import count_pretokens, learn_merges, train_bpe
 from cs336_basics.gpt2 import bytes_to_unicode, load_gpt2_merges, load_gpt2_vocab
-from cs336_basics.pretokenize import GPT2_REGEX, special_token_regex, split_on_special
+from cs336_basics.pretokenize import GPT2_REGEX, find_safe_boundaries, special_token_regex, split_on_special
 
 EOT = "<|endoftext|>"
 
@@ -241,26 +241,18 @@ def test_parallel_training_equals_serial(tmp_path, monkeypatch):
     assert train_bpe(path, 257 + 60, [EOT], num_workers=2) == serial
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.text(alphabet="ab \n\t\r.'s1é😀", max_size=40))
-def test_newline_cuts_do_not_change_pretokens(text):
-    data = text.encode("utf-8")
-    whole = GPT2_REGEX.findall(text)
-    cut = bpe._last_newline_cut(data)
-    while cut:
-        left, right = data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
-        assert GPT2_REGEX.findall(left) + GPT2_REGEX.findall(right) == whole
-        cut = bpe._last_newline_cut(data[: cut - 1])
-
-
-def test_newline_boundaries_without_special_tokens(tmp_path):
+def test_files_without_special_tokens_are_cut_at_newlines(tmp_path, monkeypatch):
+    # The safe-cut rule (cs336_basics.pretokenize) cuts a file without special tokens before newlines.
     text = "".join(f"line {i} word{i % 7}.\n" for i in range(2000))
     path = tmp_path / "plain.txt"
     path.write_bytes(text.encode())
-    bounds = bpe._task_boundaries(path, len(text), 5, [])
-    assert len(bounds) == 6 and bounds[0] == 0 and bounds[-1] == len(text)
-    for b in bounds[1:-1]:
-        assert text[b - 1] == "\n" and text[b - 2] == "." and text[b] == "l"
+    seen = []
+    monkeypatch.setattr(bpe, "find_safe_boundaries", lambda *a: seen.append(find_safe_boundaries(*a)) or seen[-1])
+    monkeypatch.setattr(bpe, "POOL_MIN_BYTES", 0)
+    assert count_pretokens(path, [], num_workers=2) == naive_pretoken_counts(text, [])
+    bounds = seen[0]
+    assert len(bounds) == 9 and bounds[0] == 0 and bounds[-1] == len(text)
+    assert all(text[b] == "\n" and text[b - 1] == "." for b in bounds[1:-1])
 
 
 # ---------------------------------------------------------------------------------------------
