@@ -4,26 +4,12 @@ Layout: ``train.bin`` holds the ids back to back (``uint16`` when every id fits,
 most 65,536 entries, else ``uint32``), so ``np.memmap(path, dtype=np.uint16)`` reads it; beside it
 ``train.bin.json`` records how it was made (see ``read_metadata``).
 
-Parallelism: the file is cut into chunks of a few MB at *safe* byte offsets, i.e. offsets where
-encoding the two halves separately gives exactly the tokens of encoding the whole text. Worker
-processes each read and encode only their byte range; the parent writes the results in file order,
-keeping only a bounded number of chunks in flight so memory stays flat for any input size.
-
-Safe cut points (``find_safe_boundaries``), given that encoding first splits on special tokens and
-then pre-tokenizes each piece with the GPT-2 pattern:
-
-* the start of a special-token occurrence, or
-* just before a line break (``"\\n"`` or ``"\\r"``) whose preceding byte is printable, non-space
-  ASCII (``!``..``~``),
-
-in both cases only where no occurrence of any special token spans the offset. Why the line-break
-rule is exact: no GPT-2 pre-token holds a non-space character followed by whitespace (the only
-whitespace a non-whitespace pre-token has is one *leading* ``" "``), so no pre-token crosses the
-cut; the greedy letter/number/punctuation runs that end just before it stop there with or without
-the text after it; and because the character before the cut is not whitespace, no ``\\s+(?!\\S)``
-match reaches the cut, so the pattern's one look-ahead never sees past it. Cutting *after* a
-newline is not safe: in ``"a \\nb"`` the whole text gives ``" "``, ``"\\n"`` while the cut
-prefix ``"a \\n"`` gives ``" \\n"``.
+Parallelism: the file is cut into chunks of a few MB at *safe* byte offsets, where encoding the two
+halves separately gives exactly the tokens of encoding the whole text (the rule and its proof:
+:mod:`cs336_basics.pretokenize`). Worker processes each read and encode only their byte range and send
+back a numpy array of ids (2 or 4 bytes per id through the pipe); the parent writes the arrays in file
+order, keeping at most two chunks per worker in flight, so memory stays flat for any input size. A
+worker keeps its tokenizer, and so its caches, from one chunk to the next.
 """
 
 from __future__ import annotations
@@ -33,24 +19,24 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
-import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from cs336_basics.fileio import atomic_output
+from cs336_basics.pretokenize import POOL_MIN_BYTES, find_safe_boundaries, ignore_sigint
+
+__all__ = ["DataError", "TokenizeResult", "check_text_file", "find_safe_boundaries", "metadata_path",
+           "read_metadata", "token_dtype", "tokenize_file", "tokenizer_sha256"]
 
 FORMAT_VERSION = 1
 METADATA_SUFFIX = ".json"  # data/train.bin -> data/train.bin.json
 MAX_CHUNK_BYTES = 8 << 20  # per task: bounds worker memory (~100 MB each) for any input size
 MIN_CHUNK_BYTES = 256 << 10
-SMALL_INPUT_BYTES = 4 << 20  # below this, encode in-process: a pool costs more than it saves
-_PROBE_BYTES = 1 << 16
 
 
 class DataError(ValueError):
@@ -58,6 +44,8 @@ class DataError(ValueError):
 
 
 class Encoder(Protocol):
+    """What tokenize_file needs; a ``Tokenizer`` also has ``encode_array`` (ids as a numpy array), used when present."""
+
     def encode(self, text: str) -> list[int]: ...
 
 
@@ -159,75 +147,23 @@ def check_text_file(path: str | Path, *, block_bytes: int = 16 << 20) -> int:
     return size
 
 
-def _cut_regex(special_tokens: Sequence[str]) -> re.Pattern[bytes]:
-    """Zero-width matches at candidate cuts: group ``nl`` is a printable byte before a line break (cut
-    after that byte), group ``sp`` a special token (cut at its start)."""
-    alternatives = [rb"(?=(?P<nl>[\x21-\x7e])[\n\r])"]
-    if special_tokens:
-        specials = sorted({t.encode("utf-8") for t in special_tokens}, key=len, reverse=True)
-        alternatives.append(rb"(?=(?P<sp>" + b"|".join(re.escape(t) for t in specials) + rb"))")
-    return re.compile(b"|".join(alternatives))
-
-
-def _next_safe_cut(f: BinaryIO, start: int, file_size: int, specials: list[bytes], cut_rx: re.Pattern[bytes]) -> int:
-    """The first safe cut offset >= ``start`` (or ``file_size`` when there is none)."""
-    span = max((len(s) for s in specials), default=1)
-    pos = start
-    while pos < file_size:
-        lo = max(0, pos - span)
-        f.seek(lo)
-        block = f.read(pos - lo + _PROBE_BYTES + span)
-        for m in cut_rx.finditer(block, max(0, pos - lo - 1)):
-            if m.start() >= pos - lo + _PROBE_BYTES:
-                break
-            cut = m.start() + 1 if m.group("nl") is not None else m.start()
-            if cut < pos - lo:
-                continue
-            # Unsafe if some special-token occurrence starts before the cut and ends after it.
-            if not any(block.find(s, max(0, cut - len(s) + 1), cut + len(s) - 1) != -1 for s in specials):
-                return lo + cut
-        pos += _PROBE_BYTES
-    return file_size
-
-
-def find_safe_boundaries(f: BinaryIO, chunk_bytes: int, special_tokens: Sequence[str] = ()) -> list[int]:
-    """Byte offsets (from 0 to the file size) cutting ``f`` into chunks of about ``chunk_bytes`` at safe points.
-
-    Encoding each chunk separately and concatenating gives exactly the tokens of encoding the whole
-    text (see the module docstring). A stretch with no safe point stays one larger chunk.
-    """
-    f.seek(0, os.SEEK_END)
-    file_size = f.tell()
-    specials = sorted({t.encode("utf-8") for t in special_tokens}, key=len)
-    cut_rx = _cut_regex(special_tokens)
-    bounds = [0]
-    while bounds[-1] < file_size:
-        target = bounds[-1] + max(1, chunk_bytes)
-        if target >= file_size:
-            bounds.append(file_size)
-            break
-        bounds.append(_next_safe_cut(f, target, file_size, specials, cut_rx))
-    return bounds
-
-
 # Worker side: one tokenizer per process, set by the pool initializer.
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: Encoder, path: str, dtype: str) -> None:
-    _worker.update(tokenizer=tokenizer, path=path, dtype=np.dtype(dtype))
+def _init_worker(tokenizer: Encoder, path: str, dtype: str, vocab_size: int) -> None:
+    _worker.update(tokenizer=tokenizer, path=path, dtype=np.dtype(dtype), vocab_size=vocab_size)
 
 
-def _init_pool_worker(tokenizer: Encoder, path: str, dtype: str) -> None:
-    # Ctrl-C reaches the whole process group: let only the parent handle it (it terminates the
-    # pool and removes the temporary output) instead of every worker printing a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(tokenizer, path, dtype)
+def _init_pool_worker(tokenizer: Encoder, path: str, dtype: str, vocab_size: int) -> None:
+    ignore_sigint()
+    _init_worker(tokenizer, path, dtype, vocab_size)
 
 
 def _encode_range(bounds: tuple[int, int]) -> np.ndarray:
+    """Worker: the ids of one byte range of the file, as an array of the output dtype."""
     start, end = bounds
-    path = _worker["path"]
+    path, tokenizer = _worker["path"], _worker["tokenizer"]
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -235,8 +171,12 @@ def _encode_range(bounds: tuple[int, int]) -> np.ndarray:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8: invalid byte at byte offset {start + e.start:,}") from None
-    ids = _worker["tokenizer"].encode(text)
-    return np.asarray(ids, dtype=_worker["dtype"])
+    del data
+    encode_array = getattr(tokenizer, "encode_array", None)
+    ids = encode_array(text) if encode_array is not None else np.asarray(tokenizer.encode(text))
+    if ids.size and int(ids.max()) >= _worker["vocab_size"]:
+        raise ValueError(f"token id {int(ids.max())} >= vocab_size {_worker['vocab_size']}: the tokenizer does not match vocab_size")
+    return ids.astype(_worker["dtype"], copy=False)
 
 
 def tokenize_file(
@@ -269,7 +209,7 @@ def tokenize_file(
         bounds = find_safe_boundaries(f, chunk_bytes, special_tokens)
     ranges = list(zip(bounds[:-1], bounds[1:]))
     if parallel is None:
-        parallel = num_workers > 1 and len(ranges) > 1 and input_bytes >= SMALL_INPUT_BYTES
+        parallel = num_workers > 1 and len(ranges) > 1 and input_bytes >= POOL_MIN_BYTES
 
     bar = None
     if progress:
@@ -279,10 +219,9 @@ def tokenize_file(
     num_tokens = 0
     try:
         with atomic_output(output_path) as tmp, open(tmp, "wb") as out:
-            for (start, end), arr in zip(ranges, _encoded_chunks(ranges, tokenizer, input_path, dtype, num_workers, parallel)):
-                if arr.size and int(arr.max()) >= vocab_size:
-                    raise ValueError(f"token id {int(arr.max())} >= vocab_size {vocab_size}: the tokenizer does not match vocab_size")
-                out.write(arr.tobytes())
+            chunks = _encoded_chunks(ranges, tokenizer, input_path, dtype, vocab_size, num_workers, parallel)
+            for (start, end), arr in zip(ranges, chunks):
+                out.write(arr.data)  # the array's memory, written without a copy
                 num_tokens += len(arr)
                 if bar is not None:
                     bar.update(end - start)
@@ -305,11 +244,17 @@ def tokenize_file(
 
 
 def _encoded_chunks(
-    ranges: list[tuple[int, int]], tokenizer: Encoder, path: Path, dtype: np.dtype, num_workers: int, parallel: bool
+    ranges: list[tuple[int, int]],
+    tokenizer: Encoder,
+    path: Path,
+    dtype: np.dtype,
+    vocab_size: int,
+    num_workers: int,
+    parallel: bool,
 ) -> Iterator[np.ndarray]:
     """Encoded chunks in file order; with ``parallel``, at most 2 per worker in flight (bounded memory)."""
     if not parallel:
-        _init_worker(tokenizer, str(path), dtype.name)
+        _init_worker(tokenizer, str(path), dtype.name, vocab_size)
         try:
             for r in ranges:
                 yield _encode_range(r)
@@ -319,7 +264,7 @@ def _encoded_chunks(
     # The platform default (fork on Linux up to Python 3.13): workers start fast and inherit the
     # tokenizer; spawn/forkserver pickle it (Tokenizer supports that) at a start-up cost.
     ctx = mp.get_context()
-    with ctx.Pool(min(num_workers, len(ranges)), _init_pool_worker, (tokenizer, str(path), dtype.name)) as pool:
+    with ctx.Pool(min(num_workers, len(ranges)), _init_pool_worker, (tokenizer, str(path), dtype.name, vocab_size)) as pool:
         todo = iter(ranges)
         pending: deque = deque()
         for r in todo:
