@@ -6,11 +6,12 @@ repeatedly merging the adjacent pair with the lowest merge rank (GPT-2's ``bpe``
 by BPE training this gives exactly the same ids as applying the merges one by one in merge order,
 and the same ids as tiktoken built from the same files.
 
-Speed, in pure Python: text is split on single spaces (C speed) into units such as "dog," whose
-ids, as " dog,", are cached, so common words cost one dict lookup and no regex; only new units go
-through the GPT-2 pattern, a pre-token cache and the merge loop. Both caches are bounded. Long
-texts are encoded block by block, cutting only where appended text cannot change the result, so
-memory stays small and ``encode_iterable`` streams files of any size with the same ids as ``encode``.
+Speed, in pure Python: text is encoded a block at a time. A block is pre-tokenized at once
+(:func:`~cs336_basics.pretokenize.pretokenize`, the stdlib ``re`` engine where it is exact), each
+pre-token's ids come from a bounded cache, and the pre-tokens not in it are merged together, side by
+side in numpy arrays (:class:`_BatchMerger`); a few are merged one by one (``_bpe``, the reference).
+Blocks are cut only where appended text cannot change the result, so memory stays small and
+``encode_iterable`` streams files of any size with the same ids as ``encode``.
 """
 
 from __future__ import annotations
@@ -20,56 +21,181 @@ import json
 import os
 import pickle
 from collections.abc import Generator, Iterable, Iterator
-from itertools import chain, repeat
+from bisect import bisect_right
+from itertools import accumulate, chain, compress, repeat
+from operator import is_, sub
 from pathlib import Path
 
-import regex
+import numpy as np
 
 from cs336_basics.fileio import atomic_output
 from cs336_basics.gpt2 import load_gpt2_merges, load_gpt2_vocab
-from cs336_basics.pretokenize import GPT2_REGEX, special_token_regex
+from cs336_basics.pretokenize import NON_SPACE_AT, last_space_cut, pretokenize, special_token_regex
 
 VOCAB_FILE = "vocab.pkl"
 MERGES_FILE = "merges.pkl"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 
-# Characters of ordinary text encoded at a time: bounds the lists held in memory, and blocks of this
-# size measured fastest (their lists stay in the CPU caches).
-BLOCK_CHARS = 1 << 16
+# Characters of ordinary text encoded at a time: bounds the lists held in memory; larger blocks give
+# the batch merger more pre-tokens at once (see docs/benchmarks/tokenizer.md for the sizes tried).
+BLOCK_CHARS = 1 << 18
 # encode_iterable gathers at least this many characters before encoding, so a line-by-line source
 # is encoded in efficient blocks.
 STREAM_CHARS = 1 << 16
 # Pre-tokens longer than this (in bytes) are neither cached nor merged with the simple quadratic loop.
 LONG_PRETOKEN = 256
-# Space-separated units longer than this (in characters) are not cached.
-MAX_CACHED_UNIT = 48
+# New pre-tokens are merged in numpy batches of similar length, at most BATCH_WIDTHS[-1] bytes, when at
+# least BATCH_MIN of them come together (below that, the loop in _bpe is faster).
+BATCH_WIDTHS = (16, 32, 64)
+BATCH_MIN = 64
+# Encoding by space units (Tokenizer._encode_units) pays off while at most this fraction of a block's
+# units misses the unit cache (measured: 2-5 % on prose once warm, 15-30 % on source code); above it,
+# blocks are encoded by pre-tokens. The miss rate is measured on the first UNIT_SAMPLE characters.
+UNIT_MISS_MAX = 0.08
+UNIT_SAMPLE = 1 << 13
 # A contraction like "'ll" decides a pre-token from up to this many characters.
 _LOOKAHEAD = 3
-# Whitespace exactly as the GPT-2 pattern's \s sees it.
-_NON_SPACE_AT = regex.compile(r"\S").match
+# Inside the encoder, ids travel as bytes of native uint32 (cache values, encoded blocks): bytes are
+# compact, are joined at C speed, and are not tracked by the garbage collector (millions of tuples were).
+_ID = np.dtype(np.uint32)
+
+
+def _pack(ids: list[int]) -> bytes:
+    return np.array(ids, _ID).tobytes()
 
 
 class _Cache:
-    """Bounded str -> ids cache with two generations: when the current one is full it replaces the
+    """Bounded str -> packed ids cache with two generations: when the current one is full it replaces the
     old one, so entries used since the last rotation survive and the rest are dropped."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.current: dict[str, tuple[int, ...]] = {}
-        self.old: dict[str, tuple[int, ...]] = {}
+        self.current: dict[str, bytes] = {}
+        self.old: dict[str, bytes] = {}
 
-    def recall(self, key: str) -> tuple[int, ...] | None:
-        """Ids from the old generation (moved to the current one), or None."""
+    def recall_one(self, key: str) -> bytes | None:
+        """The ids of ``key`` from the old generation (moved to the current one), or None."""
         ids = self.old.get(key)
         if ids is not None:
-            self.put(key, ids)
+            self.put({key: ids})
         return ids
 
-    def put(self, key: str, ids: tuple[int, ...]) -> None:
-        if len(self.current) >= self.size:
+    def recall(self, keys: dict[str, None]) -> dict[str, bytes]:
+        """The ids of those ``keys`` that are in the old generation (moved to the current one)."""
+        found = {k: self.old[k] for k in keys.keys() & self.old.keys()}
+        self.put(found)
+        return found
+
+    def put(self, items: dict[str, bytes]) -> None:
+        if len(self.current) + len(items) > self.size:
             self.old = self.current
             self.current = {}
-        self.current[key] = ids
+        self.current.update(items)
+
+
+class _BatchMerger:
+    """GPT-2's merge loop (``Tokenizer._bpe``) for many pre-tokens at once, side by side in numpy arrays.
+
+    Each pre-token is a row of a (words x width) table: its tokens by column, the rank of the pair that
+    starts at each column (``none`` where there is none), and links to the next and previous live
+    column. Every round merges, in every row that still has a pair to merge, its leftmost lowest-ranked
+    pair, exactly as one step of ``_bpe``; a merged-away column is marked dead. Pair ranks come from a
+    hash table of pair keys (``left << 32 | right``), and for the first round from a 256 x 256 table.
+    """
+
+    HASH_BITS = 18  # 262,144 slots: GPT-2's 50,000 merges fill a fifth of them
+
+    def __init__(self, ranks: dict[tuple[int, int], int], merge_ids: list[int], byte_ids: list[int]) -> None:
+        self.none = len(merge_ids)
+        self.merge_ids = np.array(merge_ids + [0], dtype=np.int64)
+        self.byte_ids = np.array(byte_ids, dtype=np.int64)
+        # Open hashing in numpy: each key goes to slot hash(key) unless an earlier key took it; those few
+        # go to a sorted overflow array, searched only for queries whose slot is marked as overflowed.
+        bits = max(self.HASH_BITS, int(len(ranks)).bit_length() + 2)
+        self.shift = np.uint64(64 - bits)
+        pairs = np.array(list(ranks), dtype=np.int64).reshape(-1, 2)
+        keys = pairs[:, 0] << 32 | pairs[:, 1]
+        values = np.fromiter(ranks.values(), np.int64, len(ranks))
+        slots = self._slot(keys)
+        _, first = np.unique(slots, return_index=True)
+        self.slot_keys = np.full(1 << bits, -1, np.int64)
+        self.slot_keys[slots[first]] = keys[first]
+        self.slot_ranks = np.full(1 << bits, self.none, np.int64)
+        self.slot_ranks[slots[first]] = values[first]
+        rest = np.ones(len(keys), bool)
+        rest[first] = False
+        self.overflowed = np.zeros(1 << bits, bool)
+        self.overflowed[slots[rest]] = True
+        order = keys[rest].argsort()
+        self.overflow_keys = np.append(keys[rest][order], np.iinfo(np.int64).max)  # sentinel: any index valid
+        self.overflow_ranks = np.append(values[rest][order], self.none)
+        self.byte_pair_ranks = self.rank(np.repeat(self.byte_ids, 256), np.tile(self.byte_ids, 256))
+
+    def _slot(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> self.shift).astype(np.intp)
+
+    def rank(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Merge rank of each pair (left[i], right[i]), or ``none``."""
+        key = left << 32 | right
+        slot = self._slot(key)
+        out = np.where(self.slot_keys[slot] == key, self.slot_ranks[slot], self.none)
+        look = np.flatnonzero(self.overflowed[slot] & (out == self.none))
+        if len(look):
+            i = self.overflow_keys.searchsorted(key[look])
+            out[look] = np.where(self.overflow_keys[i] == key[look], self.overflow_ranks[i], self.none)
+        return out
+
+    def __call__(self, words: list[bytes], width: int) -> list[bytes]:
+        """The packed ids of each word (UTF-8 bytes of a pre-token, at most ``width`` of them)."""
+        n, none = len(words), self.none
+        lengths = np.fromiter(map(len, words), np.intp, n)
+        raw = np.frombuffer(b"".join([w.ljust(width, b"\0") for w in words]), np.uint8).astype(np.int64)
+        col = np.arange(width)
+        beyond = col >= lengths[:, None] - 1  # a word's last byte and the padding: no pair starts there
+        # Flat positions (row * width + column): the token at each, the rank of the pair starting there,
+        # and the next / previous live position in the same row (-1: none).
+        tok = self.byte_ids[raw]
+        rank = np.empty(n * width, np.int64)
+        rank[:-1] = self.byte_pair_ranks[raw[:-1] << 8 | raw[1:]]
+        rank[beyond.ravel()] = none
+        nxt = np.arange(1, n * width + 1)
+        nxt[beyond.ravel()] = -1
+        prv = np.arange(-1, n * width - 1)
+        prv[::width] = -1
+        alive = (col < lengths[:, None]).ravel()
+        rows = np.arange(n)
+        while True:
+            table = rank.reshape(n, width)
+            if len(rows) < n:
+                table = table[rows]
+            at = rows * width + table.argmin(axis=1)  # each row's leftmost lowest-ranked pair
+            best = rank[at]
+            merging = best < none
+            if not merging.all():
+                rows, at, best = rows[merging], at[merging], best[merging]
+                if not len(rows):
+                    break
+            right = nxt[at]  # the pair's left token becomes the merged token, its right token dies
+            after = nxt[right]
+            new = self.merge_ids[best]
+            tok[at] = new
+            alive[right] = False
+            rank[right] = none
+            nxt[at] = after
+            has_after = after >= 0
+            after = after[has_after]
+            prv[after] = at[has_after]
+            before = prv[at]
+            has_before = before >= 0
+            before = before[has_before]
+            # The two pairs that now hold the merged token: (new, token after) and (token before, new).
+            ranks = self.rank(np.concatenate((new[has_after], tok[before])), np.concatenate((tok[after], new[has_before])))
+            rank[at] = none
+            rank[at[has_after]] = ranks[: len(after)]
+            rank[before] = ranks[len(after) :]
+        packed = tok[alive].astype(_ID).tobytes()
+        ends = (np.cumsum(alive.reshape(n, width).sum(axis=1)) * _ID.itemsize).tolist()
+        return list(map(packed.__getitem__, map(slice, [0, *ends[:-1]], ends)))
 
 
 class Tokenizer:
@@ -86,7 +212,7 @@ class Tokenizer:
         merges: list[tuple[bytes, bytes]],
         special_tokens: list[str] | None = None,
         *,
-        cache_size: int = 1 << 16,
+        cache_size: int = 1 << 17,
     ) -> None:
         self.vocab: dict[int, bytes] = {int(i): bytes(b) for i, b in vocab.items()}
         self.merges: list[tuple[bytes, bytes]] = [(bytes(a), bytes(b)) for a, b in merges]
@@ -108,6 +234,7 @@ class Tokenizer:
                 self._id_of[raw] = new_id
             self.special_token_ids[tok] = self._id_of[raw]
         self._special_regex = special_token_regex(self.special_tokens)
+        self._special_parts = {tok: _pack([i]) for tok, i in self.special_token_ids.items()}
         self._max_special_len = max((len(t) for t in self.special_tokens), default=0)
 
         missing = [b for b in range(256) if bytes([b]) not in self._id_of]
@@ -129,9 +256,11 @@ class Tokenizer:
             self._ranks.setdefault((ia, ib), rank)
             self._merge_ids.append(iab)
 
+        self._merger = _BatchMerger(self._ranks, self._merge_ids, self._byte_ids)
         self._cache_size = cache_size
-        self._pretoken_cache = _Cache(cache_size)
-        self._unit_cache = _Cache(cache_size)
+        self._cache = _Cache(cache_size)  # pre-token -> packed ids
+        self._unit_cache = _Cache(cache_size)  # space-separated unit -> packed ids of " " + unit
+        self._units_ok = not any(" " in t for t in self.special_tokens)  # no special token spans a unit cut
 
     # ----------------------------------------------------------------------------- construction
 
@@ -184,11 +313,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        ids: list[int] = []
-        gen = self._id_blocks(text, final=True)
-        for block in gen:
-            ids += block
-        return ids
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as a read-only uint32 array (cheaper than a list for writing files)."""
+        return np.frombuffer(b"".join(self._id_blocks(text, final=True)), _ID)
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily yield the ids of ``"".join(iterable)`` (e.g. a file opened in text mode).
@@ -226,14 +355,14 @@ class Tokenizer:
                     held = held[stop.value :]
                     break
                 if block:
-                    yield block
+                    yield np.frombuffer(block, _ID).tolist()
         held += "".join(pending)
         for block in self._id_blocks(held, final=True):
             if block:
-                yield block
+                yield np.frombuffer(block, _ID).tolist()
 
-    def _id_blocks(self, text: str, final: bool) -> Generator[list[int], None, int]:
-        """Yield lists of ids for ``text`` and return how many characters were encoded.
+    def _id_blocks(self, text: str, final: bool) -> Generator[bytes, None, int]:
+        """Yield the packed ids of ``text`` a block at a time and return how many characters were encoded.
 
         With ``final=False`` the text may continue later: encoding stops at the last position after
         which no appended text can change the ids, and that position is returned.
@@ -242,16 +371,29 @@ class Tokenizer:
         pos = 0
         if self._special_regex is not None:
             longest = self._max_special_len
+            # Short documents between special tokens are gathered into one block (ordinary spans and the
+            # special tokens between them), so the caches and the batch merger work on whole blocks.
+            block: list[tuple[int, int] | str] = []
+            gathered = 0
             for m in self._special_regex.finditer(text):
                 # Not final while a longer special token could still match here once more text arrives.
                 if not final and m.start() + longest > n:
                     break
                 if m.start() - pos > BLOCK_CHARS:
+                    if block:
+                        yield self._encode_block(text, block)
+                        block, gathered = [], 0
                     yield from self._ordinary_blocks(text, pos, m.start(), final=True)
                 elif m.start() > pos:
-                    yield self._encode_ordinary(text[pos : m.start()])
-                yield [self.special_token_ids[m.group()]]
+                    block.append((pos, m.start()))
+                    gathered += m.start() - pos
+                block.append(m.group())
                 pos = m.end()
+                if gathered >= BLOCK_CHARS:
+                    yield self._encode_block(text, block)
+                    block, gathered = [], 0
+            if block:
+                yield self._encode_block(text, block)
             if not final:
                 # Any position from here on may still begin a special token.
                 n = max(pos, len(text) - longest + 1)
@@ -259,28 +401,28 @@ class Tokenizer:
             return pos
         return (yield from self._ordinary_blocks(text, pos, n, final))
 
-    def _ordinary_blocks(self, text: str, pos: int, end: int, final: bool) -> Generator[list[int], None, int]:
+    def _ordinary_blocks(self, text: str, pos: int, end: int, final: bool) -> Generator[bytes, None, int]:
         """Encode ``text[pos:end]`` (no special tokens in it) a block at a time; return where it stopped.
 
         A block ends just before a space followed by a non-space character: a pre-token always starts
         there and the text on either side pre-tokenizes the same alone as together (see
-        ``_encode_ordinary``). Without such a space, the block is pre-tokenized and cut after its last
-        pre-token that appended text cannot change. With ``final=False`` the text may continue after
-        ``end``, so the unsettled tail is left for the caller.
+        :func:`~cs336_basics.pretokenize.last_space_cut`). Without such a space, the block is
+        pre-tokenized and cut after its last pre-token that appended text cannot change. With
+        ``final=False`` the text may continue after ``end``, so the unsettled tail is left for the caller.
         """
         size = BLOCK_CHARS
         while pos < end:
             stop = min(pos + size, end)
             if final and stop == end:
-                yield self._encode_ordinary(text[pos:end])
+                yield self._encode_block(text, [(pos, end)])
                 return end
-            cut = _space_cut(text, pos, stop)
-            if cut is not None:
-                yield self._encode_ordinary(text[pos:cut])
+            cut = last_space_cut(text, pos, stop - 1)
+            if cut > pos:
+                yield self._encode_block(text, [(pos, cut)])
                 pos = cut
                 size = BLOCK_CHARS
                 continue
-            pretokens = GPT2_REGEX.findall(text, pos, stop)  # sees text[pos:stop] as the whole string
+            pretokens = pretokenize(text, pos, stop)  # sees text[pos:stop] as the whole string
             keep, cut = _settled_pretokens(pretokens, stop)
             if keep > 0:
                 del pretokens[keep:]
@@ -293,90 +435,154 @@ class Tokenizer:
                 size *= 2  # one pre-token spans the whole block (e.g. a long whitespace run)
         return pos
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        """Ids of ``text``, a complete piece of text without special tokens.
+    def _encode_block(self, text: str, block: list[tuple[int, int] | str]) -> bytes:
+        """Packed ids of a block: complete spans ``(start, end)`` of ordinary text and special tokens.
 
-        The text is split on single spaces into units. A space followed by a non-space character
-        always starts a pre-token (" word", " 42", " ..."), and the GPT-2 pattern pre-tokenizes the
-        text before it the same whether the space or the end of the string follows. So each such
-        ``" " + unit`` is encoded alone and cached; a unit that is empty or starts with whitespace
-        continues the previous unit's segment and is encoded together with it.
+        Two ways, same ids. Space units (``_encode_units``) are fastest for prose whose words are mostly
+        known; pre-tokens (``_encode_pretokens``) for text where many units are new, such as source code.
+        The block's first ``UNIT_SAMPLE`` characters go by units (which keeps the unit cache filled), and
+        their unit-cache miss rate decides the way for the rest.
         """
-        units = text.split(" ")
-        n = len(units)
-        if n == 1:
-            return list(self._encode_segment(text))
-        cache = self._unit_cache  # unit -> ids of " " + unit
-        parts = list(map(cache.current.get, units))
-        parts[0] = None  # the first unit has no space before it
-        i = 0
-        while True:
-            try:
-                i = parts.index(None, i)
-            except ValueError:
-                break
-            if i > 0 and not _NON_SPACE_AT(units[i]):
-                i -= 1  # continues the segment of unit i - 1
-            k = i + 1
-            while k < n and not _NON_SPACE_AT(units[k]):
-                k += 1
-            if i == 0:
-                parts[0] = self._encode_segment(" ".join(units[:k]))
-            elif k == i + 1:
-                unit = units[i]
-                ids = cache.recall(unit)
-                if ids is None:
-                    if unit.isascii() and (unit.isalpha() or unit.isdigit()):
-                        ids = self._encode_pretoken(" " + unit)  # a single pre-token: skip the regex
-                    else:
-                        ids = tuple(self._encode_segment(" " + unit))
-                    if len(unit) <= MAX_CACHED_UNIT:
-                        cache.put(unit, ids)
-                parts[i] = ids
+        if not self._units_ok:
+            return self._encode_pretokens(self._pretokens(text, block))
+        head, rest = _split_block(text, block, UNIT_SAMPLE)
+        ids, miss_rate = self._encode_units(text, head) if head else (b"", 1.0)
+        if not rest:
+            return ids
+        if miss_rate <= UNIT_MISS_MAX:
+            return ids + self._encode_units(text, rest)[0]
+        return ids + self._encode_pretokens(self._pretokens(text, rest))
+
+    @staticmethod
+    def _pretokens(text: str, block: list[tuple[int, int] | str]) -> list[str]:
+        pretokens: list[str] = []
+        for span in block:
+            if isinstance(span, str):
+                pretokens.append(span)
             else:
-                parts[i] = self._encode_segment(" " + " ".join(units[i:k]))
-            if k > i + 1:
-                parts[i + 1 : k] = [()] * (k - i - 1)
-            i = k
-        ids: list[int] = []
-        for part in parts:
-            ids += part
-        return ids
+                pretokens += pretokenize(text, *span)
+        return pretokens
 
-    def _encode_segment(self, text: str) -> tuple[int, ...] | list[int]:
-        """Ids of ``text`` (complete, no special tokens) via pre-tokens."""
-        pretokens = GPT2_REGEX.findall(text)
-        if len(pretokens) == 1:
-            return self._encode_pretoken(pretokens[0])
-        return self._encode_pretokens(pretokens) if pretokens else ()
+    def _encode_units(self, text: str, block: list[tuple[int, int] | str]) -> tuple[bytes, float]:
+        """Packed ids of a block, by space-separated units; and the fraction of units not in the unit cache.
 
-    def _encode_pretokens(self, pretokens: list[str]) -> list[int]:
-        """Ids of a list of pre-tokens: cached ids where known, BPE for the rest."""
-        parts = list(map(self._pretoken_cache.current.get, pretokens))
-        i = 0
-        while True:
-            try:
-                i = parts.index(None, i)
-            except ValueError:
-                break
-            parts[i] = self._encode_pretoken(pretokens[i])
-            i += 1
-        ids: list[int] = []
-        for part in parts:
-            ids += part
-        return ids
+        Each span is split on single spaces into units. A space followed by a non-space character always
+        starts a pre-token (" word", " 42", " ..."), and the text before it pre-tokenizes the same alone
+        (see :func:`~cs336_basics.pretokenize.last_space_cut`). So each such ``" " + unit`` has ids of its
+        own, kept in the unit cache: a known word costs one lookup and no regex. A unit that is empty or
+        starts with whitespace continues the segment of the unit before it. The segments not in the cache
+        are pre-tokenized together (one call for all those that start with a space) and encoded at once.
+        """
+        cache = self._unit_cache  # unit -> packed ids of " " + unit
+        parts: list[bytes | None] = []
+        # Segments to encode, as (index in parts, text, unit to cache or None): at span starts, and " "-led.
+        starts: list[tuple[int, str, str | None]] = []
+        spaced: list[tuple[int, str, str | None]] = []
+        units_seen = misses = 0
+        for span in block:
+            if isinstance(span, str):
+                parts.append(self._special_parts[span])
+                continue
+            units = text[span[0] : span[1]].split(" ")
+            got = list(map(cache.current.get, units))
+            got[0] = None  # the first unit has no space before it
+            n = len(units)
+            units_seen += n
+            base = len(parts)
+            i = 0
+            while True:
+                try:
+                    i = got.index(None, i)
+                except ValueError:
+                    break
+                misses += 1
+                if i > 0 and not NON_SPACE_AT(units[i]):
+                    i -= 1  # continues the segment of unit i - 1
+                k = i + 1
+                while k < n and not NON_SPACE_AT(units[k]):
+                    k += 1
+                ids = None
+                if i == 0:
+                    starts.append((base, " ".join(units[:k]), None))
+                else:
+                    ids = cache.recall_one(units[i]) if k == i + 1 else None
+                    if ids is None:
+                        spaced.append((base + i, " " + " ".join(units[i:k]), units[i] if k == i + 1 else None))
+                got[i : k] = [ids or b""] + [b""] * (k - i - 1)
+                i = k
+            parts += got
+        # Encode the missing segments' pre-tokens at once. " "-led segments may be pre-tokenized as one
+        # text (each starts where a pre-token must start); span starts are pre-tokenized each alone.
+        pretokens: list[str] = []
+        counts: list[int] = []
+        for _, seg, _ in starts:
+            found = pretokenize(seg)
+            pretokens += found
+            counts.append(len(found))
+        joined = "".join([seg for _, seg, _ in spaced])
+        spaced_pretokens = pretokenize(joined)
+        ends = list(accumulate(map(len, spaced_pretokens)))
+        cuts = list(map(bisect_right, repeat(ends), accumulate([len(seg) for _, seg, _ in spaced])))
+        counts += map(sub, cuts, [0, *cuts[:-1]])
+        pretokens += spaced_pretokens
+        pretoken_ids = self._pretoken_parts(pretokens)
+        at = 0
+        new_units = {}
+        for (where, _, unit), count in zip(chain(starts, spaced), counts):
+            ids = parts[where] = b"".join(pretoken_ids[at : at + count])
+            at += count
+            if unit is not None:
+                new_units[unit] = ids
+        cache.put(new_units)
+        return b"".join(parts), misses / max(1, units_seen)
 
-    def _encode_pretoken(self, pretoken: str) -> tuple[int, ...]:
-        cache = self._pretoken_cache
-        ids = cache.recall(pretoken)
-        if ids is None:
-            raw = pretoken.encode("utf-8")
-            byte_ids = list(map(self._byte_ids.__getitem__, raw))
-            if len(raw) > LONG_PRETOKEN:
-                return tuple(self._bpe_long(byte_ids))
-            ids = tuple(self._bpe(byte_ids))
-            cache.put(pretoken, ids)
-        return ids
+    def _encode_pretokens(self, pretokens: list[str]) -> bytes:
+        """Packed ids of a list of pre-tokens (and special tokens)."""
+        return b"".join(self._pretoken_parts(pretokens))
+
+    def _pretoken_parts(self, pretokens: list[str]) -> list[bytes]:
+        """The packed ids of each pre-token (or special token): cached ids where known, BPE for the rest,
+        all new pre-tokens at once."""
+        cache = self._cache
+        parts = list(map(cache.current.get, pretokens))
+        if None in parts:
+            where = list(compress(range(len(parts)), map(is_, parts, repeat(None))))
+            missing = dict.fromkeys(map(pretokens.__getitem__, where))
+            found = cache.recall(missing)
+            found.update((t, ids) for t, ids in self._special_parts.items() if t in missing)
+            new = [p for p in missing if p not in found]
+            raws = [p.encode("utf-8") for p in new]
+            computed = dict(zip(new, self._bpe_many(raws)))
+            found.update(computed)
+            if raws and max(map(len, raws)) > LONG_PRETOKEN:  # rare long ones (whitespace runs, ...): not cached
+                computed = {p: ids for p, ids in computed.items() if len(p.encode("utf-8")) <= LONG_PRETOKEN}
+            cache.put(computed)
+            for i in where:
+                parts[i] = found[pretokens[i]]
+        return parts
+
+    def _bpe_many(self, raws: list[bytes]) -> list[bytes]:
+        """Packed BPE ids of many pre-tokens (UTF-8 bytes): in numpy batches of similar length where there
+        are enough of them, with ``_bpe`` (or ``_bpe_long``) for the rest. Same ids as ``_bpe`` alone."""
+        out: list[bytes | None] = [None] * len(raws)
+        if len(raws) >= BATCH_MIN:
+            lengths = np.fromiter(map(len, raws), np.intp, len(raws))
+            order = np.argsort(lengths, kind="stable")
+            ends = np.searchsorted(lengths[order], BATCH_WIDTHS, side="right").tolist()
+            lo = 0
+            for width, hi in zip(BATCH_WIDTHS, ends):
+                if hi - lo >= BATCH_MIN:
+                    group = order[lo:hi].tolist()
+                    for i, ids in zip(group, self._merger([raws[i] for i in group], width)):
+                        out[i] = ids
+                    lo = hi
+        byte_ids = self._byte_ids
+        for i, ids in enumerate(out):
+            if ids is None:
+                raw = raws[i]
+                start = list(map(byte_ids.__getitem__, raw))
+                out[i] = _pack(self._bpe(start) if len(raw) <= LONG_PRETOKEN else self._bpe_long(start))
+        return out
 
     def _bpe(self, ids: list[int]) -> list[int]:
         """Merge the leftmost lowest-ranked adjacent pair until no pair has a merge (GPT-2's ``bpe``)."""
@@ -450,16 +656,26 @@ def _rebuild(vocab, merges, special_tokens, cache_size) -> Tokenizer:
     return Tokenizer(vocab, merges, special_tokens, cache_size=cache_size)
 
 
-def _space_cut(text: str, pos: int, stop: int, tries: int = 16) -> int | None:
-    """The last index in (pos, stop - 1) of a space followed by a non-space character, or None."""
-    cut = stop - 1
-    for _ in range(tries):
-        cut = text.rfind(" ", pos + 1, cut)
-        if cut < 0:
-            return None
-        if _NON_SPACE_AT(text, cut + 1):
-            return cut
-    return None
+def _split_block(text: str, block: list[tuple[int, int] | str], size: int) -> tuple[list, list]:
+    """The block cut after about ``size`` characters of ordinary text, at a span end or a space cut."""
+    if size <= 0:
+        return [], block
+    for n, span in enumerate(block):
+        if isinstance(span, str):
+            continue
+        start, end = span
+        if end - start < size:
+            size -= end - start
+            continue
+        cut = last_space_cut(text, start, start + size) if start + size < end - 1 else end
+        if cut <= start:
+            cut = end
+        head, rest = block[:n], block[n + 1 :]
+        head.append((start, cut))
+        if cut < end:
+            rest.insert(0, (cut, end))
+        return head, rest
+    return block, []
 
 
 def _settled_pretokens(pretokens: list[str], stop: int) -> tuple[int, int]:

@@ -8,7 +8,9 @@ import json
 import pickle
 import random
 import tracemalloc
+from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -133,16 +135,58 @@ def small():
     )
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Force block cutting, held-back tails and cache rotation on small inputs."""
+@pytest.fixture(params=["units", "pretokens"])
+def tiny_blocks(request, monkeypatch):
+    """Force block cutting, held-back tails, cache rotation and batch merging on small inputs, with
+    blocks encoded by space units, or by pre-tokens after a 3-character sample by units."""
     monkeypatch.setattr(tokmod, "BLOCK_CHARS", 7)
     monkeypatch.setattr(tokmod, "STREAM_CHARS", 5)
     monkeypatch.setattr(tokmod, "LONG_PRETOKEN", 3)
+    monkeypatch.setattr(tokmod, "BATCH_MIN", 1)
+    monkeypatch.setattr(tokmod, "UNIT_SAMPLE", 3)
+    monkeypatch.setattr(tokmod, "UNIT_MISS_MAX", 1.0 if request.param == "units" else -1.0)
+
+
+@pytest.fixture(params=["units", "pretokens"])
+def either_way(request, monkeypatch):
+    """Blocks encoded only by space units, or only by pre-tokens (the two must give the same ids)."""
+    monkeypatch.setattr(tokmod, "UNIT_SAMPLE", tokmod.UNIT_SAMPLE if request.param == "units" else 0)
+    monkeypatch.setattr(tokmod, "UNIT_MISS_MAX", 1.0 if request.param == "units" else -1.0)
+    return request.param
 
 
 def _read(name: str) -> str:
     return fixture_path(name).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def diverse_sample() -> str:
+    """Real text nobody on the project wrote, a few hundred KB: sources of installed packages (numpy's
+    Python and C headers, rich's emoji table) and, where the machine has gettext catalogs, translated
+    messages in several scripts; documents joined with <|endoftext|>, as in the diverse benchmark."""
+    import gettext
+
+    import numpy
+
+    docs: list[str] = []
+    root = Path(numpy.__file__).parent
+    for pattern, count in (("*.py", 40), ("*.h", 12), ("*.pyi", 10)):
+        for path in sorted(root.rglob(pattern))[:count]:
+            docs.append(path.read_text(encoding="utf-8", errors="replace")[:6000])
+    for module in ("rich", "pip._vendor.rich"):
+        try:
+            emoji = Path(__import__(module, fromlist=["_emoji_codes"]).__file__).parent / "_emoji_codes.py"
+        except ImportError:
+            continue
+        if emoji.exists():
+            docs.append(emoji.read_text(encoding="utf-8")[:20000])
+            break
+    for lang in ("ja", "ru", "zh_CN", "ar", "hi", "ko", "el", "th", "uk", "vi", "he", "ka"):
+        for mo in sorted(Path("/usr/share/locale", lang, "LC_MESSAGES").glob("*.mo"))[:3]:
+            with open(mo, "rb") as f:
+                catalog = gettext.GNUTranslations(f)._catalog
+            docs.append("\n".join(m for k, m in catalog.items() if k and isinstance(m, str))[:8000])
+    return EOT.join(docs)
 
 
 # ------------------------------------------------------------------------- exactness vs tiktoken
@@ -185,11 +229,37 @@ def test_long_pretokens_match_tiktoken(gpt2, tiktoken_gpt2):
         assert gpt2.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
 
 
-def test_multi_block_text_matches_tiktoken(gpt2, tiktoken_gpt2):
+def test_multi_block_text_matches_tiktoken(gpt2, tiktoken_gpt2, monkeypatch):
     # Longer than several blocks, with and without spaces (CJK text has none to cut at).
+    monkeypatch.setattr(tokmod, "BLOCK_CHARS", 1 << 14)
     text = (_read("corpus.en") + _read("german.txt") + "日本語のテキスト。" * 3000 + EOT) * 2
     assert len(text) > 4 * tokmod.BLOCK_CHARS
     assert gpt2.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+def test_diverse_text_matches_tiktoken_either_way(gpt2, tiktoken_gpt2, diverse_sample, either_way, monkeypatch):
+    # Code, emoji and many scripts; small blocks and batches so both merge paths and block cuts run.
+    assert len(diverse_sample) > 200_000
+    monkeypatch.setattr(tokmod, "BLOCK_CHARS", 1 << 13)
+    monkeypatch.setattr(tokmod, "BATCH_MIN", 8)
+    tok = Tokenizer(gpt2.vocab, gpt2.merges, [EOT], cache_size=1 << 10)  # the caches rotate too
+    expected = tiktoken_gpt2.encode(diverse_sample, allowed_special="all")
+    assert tok.encode(diverse_sample) == expected
+    assert tok.encode_array(diverse_sample).tolist() == expected  # and again with warm caches
+    assert tok.encode_array(diverse_sample).dtype == np.uint32
+
+
+def test_unit_miss_rate_picks_the_way(gpt2, diverse_sample):
+    # Prose with known words goes by space units; source code (many new units) by pre-tokens.
+    tok = Tokenizer(gpt2.vocab, gpt2.merges, [EOT])
+    ways = []
+    tok._encode_pretokens = lambda pretokens: ways.append("pretokens") or Tokenizer._encode_pretokens(tok, pretokens)
+    prose = _read("tinystories_sample.txt")
+    tok.encode(prose)
+    ways.clear()
+    assert tok.encode(prose * 3) == gpt2.encode(prose * 3) and ways == []
+    tok.encode(diverse_sample)
+    assert "pretokens" in ways
 
 
 # ---------------------------------------------------------------- fast path vs the reference encoder
@@ -230,6 +300,23 @@ def test_heap_merge_equals_simple_merge(gpt2):
         assert gpt2._bpe_long(list(ids)) == gpt2._bpe(list(ids))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "small"])
+def test_batch_merger_equals_merge_loop(name, gpt2, small):
+    # The numpy batch merge against _bpe, word by word, on every width it is used with.
+    tok = {"gpt2": gpt2, "small": small}[name]
+    rng = random.Random(8)
+    text = _read("german.txt") + _read("corpus.en")[:5000] + "日本語のテキスト。Привет мир 🙂 x̃ " + "aaaa bbbb"
+    words = [p.encode("utf-8") for p in dict.fromkeys(GPT2_REGEX.findall(text))]
+    words += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 65))) for _ in range(300)]
+    words += [b"a" * n for n in range(1, 65)] + [b"ab" * n for n in range(1, 33)]
+    for width in tokmod.BATCH_WIDTHS:
+        group = [w for w in words if len(w) <= width]
+        expected = [tokmod._pack(tok._bpe([tok._byte_ids[b] for b in w])) for w in group]
+        assert tok._merger(group, width) == expected
+        assert tok._merger(group[:1], width) == expected[:1]  # a batch of one
+    assert tok._bpe_many(words) == [tokmod._pack(tok._bpe([tok._byte_ids[b] for b in w])) for w in words]
+
+
 def test_block_cuts_give_same_ids(gpt2, monkeypatch):
     rng = random.Random(5)
     texts = [_mixed_text(rng, 200) for _ in range(30)] + [_read("tinystories_sample.txt")]
@@ -241,16 +328,23 @@ def test_block_cuts_give_same_ids(gpt2, monkeypatch):
 
 
 class PretokenSpy(Tokenizer):
-    """Returns pre-token strings instead of ids, so tests see exactly how the fast path splits text."""
+    """Encodes each pre-token as a made-up id that names it, so tests see exactly how every path (space
+    units, pre-tokens, blocks, streaming) splits text: all of them get their ids from ``_pretoken_parts``."""
 
-    def _encode_segment(self, text):
-        return GPT2_REGEX.findall(text)
+    FIRST_ID = 10**6
 
-    def _encode_pretokens(self, pretokens):
-        return list(pretokens)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spy_ids: dict[str, int] = {}
 
-    def _encode_pretoken(self, pretoken):
-        return (pretoken,)
+    def _pretoken_parts(self, pretokens):
+        out = []
+        for p in pretokens:
+            if p in self._special_parts:
+                out.append(self._special_parts[p])
+            else:
+                out.append(tokmod._pack([self.spy_ids.setdefault(p, self.FIRST_ID + len(self.spy_ids))]))
+        return out
 
 
 def reference_pretokens(text: str, specials: list[str]) -> list:
@@ -265,9 +359,9 @@ def spy():
     return PretokenSpy({i: bytes([i]) for i in range(256)}, [], [EOT, EOT + EOT], cache_size=64)
 
 
-def _spy_result(spy, items) -> list:
-    specials = {i: s for s, i in spy.special_token_ids.items()}
-    return [specials[x] if isinstance(x, int) else x for x in items]
+def _spy_result(spy, ids) -> list:
+    names = {i: s for s, i in spy.special_token_ids.items()} | {i: p for p, i in spy.spy_ids.items()}
+    return [names[i] for i in ids]
 
 
 def test_fast_path_splits_exactly_like_the_pattern(spy, monkeypatch):
