@@ -1,20 +1,29 @@
 """Tokenizer speed vs tiktoken (single thread) with the same GPT-2 vocab and merges, in the same run.
 
-    uv run python benchmarks/bench_tokenizer.py            # ~8 MB of text, 5 repeats
-    uv run python benchmarks/bench_tokenizer.py --quick    # ~1 MB, 3 repeats
+    uv run python benchmarks/bench_tokenizer.py            # 10 MB per text, 5 repeats
+    uv run python benchmarks/bench_tokenizer.py --quick    # 2 MB per text, 3 repeats
+    uv run python benchmarks/bench_tokenizer.py --texts code,multilingual
 
-The text mixes the fixture corpora (corpus.en, tinystories_sample.txt, german.txt, address.txt) line by
-line in random order and replaces a fraction of the words (``--novel``, default 3%) with random numbers
-and made-up words, so the tokenizer's caches are not trivially always hit. Every timed run of our tokenizer uses a
-fresh Tokenizer (cold caches), as a worker process would; "warm" reuses one that has seen the text.
+Texts (each timed run of ours uses a fresh Tokenizer, cold caches, as a worker process starts; it is
+built before the timer starts, as tiktoken's Encoding is, and the build time is printed at the end):
+  * ``code``, ``multilingual``, ``mixed``: diverse text nobody on the project wrote, built offline by
+    ``benchmarks/diverse_text.py`` (sources and docs of the packages in ``.venv``; gettext translations
+    in 100+ languages; both shuffled together), documents joined with ``<|endoftext|>``;
+  * ``cache-friendly``: the fixture corpora (corpus.en, tinystories_sample.txt, german.txt, address.txt)
+    line by line in random order with 3% of the words replaced by random numbers and made-up words
+    (``--novel``): few distinct words, so the caches are hit almost always. Also timed warm (a tokenizer
+    that has seen the text).
+
 The contenders alternate within each repeat and the ratio is the median of the per-repeat ratios, so
-load from other processes on a shared machine affects both alike. Prints MB/s (UTF-8 bytes, medians),
-the ratios, and peak memory (tracemalloc) of ``encode`` and of streaming a file with ``encode_iterable``.
+load from other processes affects both alike; the CPU-time ratio (``time.process_time``) is printed too.
+Prints MB/s (UTF-8 bytes, medians), the ratios, ``encode_iterable`` over the text as a file read line by
+line, and peak traced memory (tracemalloc) of ``encode`` and ``encode_iterable``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -26,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import diverse_text  # noqa: E402
 from fixtures import fixtures_root  # noqa: E402
 
 from cs336_basics.gpt2 import load_gpt2_merges, load_gpt2_vocab  # noqa: E402
@@ -34,6 +45,7 @@ from cs336_basics.pretokenize import GPT2_PATTERN  # noqa: E402
 from cs336_basics.tokenizer import Tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
+TEXTS = ("code", "multilingual", "mixed", "cache-friendly")
 
 
 def build_text(fixtures: Path, target_bytes: int, novel: float = 0.03, seed: int = 0) -> str:
@@ -60,23 +72,97 @@ def build_text(fixtures: Path, target_bytes: int, novel: float = 0.03, seed: int
     return "".join(out)
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed(fn) -> tuple[float, float, object]:
+    """Wall seconds, CPU seconds and the result of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def peak_traced(fn) -> float:
+    """Peak memory traced while ``fn`` runs, in MiB."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def bench_text(name: str, text: str, label: str, vocab, merges, enc, repeats: int, warm: bool) -> None:
+    nbytes = len(text.encode("utf-8"))
+    print(f"\n[{name}] {label}")
+    warm_tok = None
+    if warm:
+        warm_tok = Tokenizer(vocab, merges, [EOT])
+        warm_tok.encode(text)
+    rows: dict[str, list[tuple[float, float]]] = {"tiktoken": [], "cold": [], "warm": []}
+    ours = theirs = None
+    for _ in range(repeats):  # alternating within each repeat
+        fresh = Tokenizer(vocab, merges, [EOT])  # built outside the timer, as tiktoken's Encoding is
+        wall, cpu, ours = timed(lambda: fresh.encode(text))
+        rows["cold"].append((wall, cpu))
+        wall, cpu, theirs = timed(lambda: enc.encode(text, allowed_special="all"))
+        rows["tiktoken"].append((wall, cpu))
+        if warm_tok is not None:
+            wall, cpu, _ = timed(lambda: warm_tok.encode(text))
+            rows["warm"].append((wall, cpu))
+        if ours != theirs:
+            sys.exit(f"MISMATCH: Tokenizer.encode and tiktoken disagree on the {name} text")
+    med = statistics.median
+    tk = rows["tiktoken"]
+    print(f"  {nbytes / 1e6:.1f} MB, {len(ours):,} tokens ({nbytes / len(ours):.2f} bytes/token), ids identical to tiktoken;"
+          f" {repeats} runs, medians; load average {os.getloadavg()[0]:.2f}")
+    print(f"  tiktoken encode (1 thread)        {nbytes / med(w for w, _ in tk) / 1e6:6.2f} MB/s")
+    for key, what in (("cold", "Tokenizer.encode, fresh (cold)"), ("warm", "Tokenizer.encode, warm caches")):
+        if not rows[key]:
+            continue
+        runs = rows[key]
+        ratio = med(t[0] / o[0] for t, o in zip(tk, runs))
+        cpu_ratio = med(t[1] / o[1] for t, o in zip(tk, runs))
+        print(f"  {what:33s} {nbytes / med(w for w, _ in runs) / 1e6:6.2f} MB/s   ratio {ratio:.2f}x tiktoken "
+              f"(CPU time {cpu_ratio:.2f}x; runs {', '.join(f'{t[0] / o[0]:.2f}' for t, o in zip(tk, runs))})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "text.txt"
+        path.write_text(text, encoding="utf-8")
+
+        def stream(tok: Tokenizer) -> int:
+            count = 0
+            with open(path, encoding="utf-8", newline="") as f:
+                for _ in tok.encode_iterable(f):
+                    count += 1
+            return count
+
+        stream_runs = []
+        for _ in range(max(1, repeats // 2)):
+            fresh = Tokenizer(vocab, merges, [EOT])
+            wall, _, count = timed(lambda: stream(fresh))
+            stream_runs.append(wall)
+            if count != len(ours):
+                sys.exit(f"MISMATCH: encode_iterable gave {count} ids, encode {len(ours)}")
+        print(f"  Tokenizer.encode_iterable (file)  {nbytes / med(stream_runs) / 1e6:6.2f} MB/s (line by line, cold)")
+        encode_peak = peak_traced(lambda: Tokenizer(vocab, merges, [EOT]).encode(text))
+
+        def stream_all() -> None:
+            with open(path, encoding="utf-8", newline="") as f:
+                for _ in Tokenizer(vocab, merges, [EOT]).encode_iterable(f):
+                    pass
+
+        stream_peak = peak_traced(stream_all)
+    print(f"  peak traced memory: encode {encode_peak:.1f} MiB (incl. the {len(ours):,}-id list and caches), "
+          f"encode_iterable {stream_peak:.1f} MiB (incl. caches)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="~1 MB of text and 3 repeats (a few seconds)")
-    parser.add_argument("--mb", type=float, default=None, help="text size in MB (default 8, quick 1)")
-    parser.add_argument("--novel", type=float, default=0.03, help="fraction of words made new (default 0.03)")
+    parser.add_argument("--quick", action="store_true", help="2 MB per text and 3 repeats")
+    parser.add_argument("--mb", type=float, default=None, help="MB per text (default 10, quick 2)")
+    parser.add_argument("--texts", default=",".join(TEXTS), help=f"comma-separated, from {', '.join(TEXTS)}")
+    parser.add_argument("--novel", type=float, default=0.03, help="cache-friendly text: fraction of words made new")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
     args = parser.parse_args()
-    mb = args.mb or (1.0 if args.quick else 8.0)
+    mb = args.mb or (2.0 if args.quick else 10.0)
     repeats = args.repeats or (3 if args.quick else 5)
 
     import tiktoken
@@ -86,71 +172,30 @@ def main() -> None:
         sys.exit("benchmark needs the CS336 fixtures: set $CS336_FIXTURES or place them at ../shared/fixtures")
     fixtures = fixtures / "fixtures"
     vocab_path, merges_path = fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt"
-
-    load_s, tok = time_it(lambda: Tokenizer.from_files(vocab_path, merges_path, [EOT]), 3)
     vocab, merges = load_gpt2_vocab(vocab_path), load_gpt2_merges(merges_path)
-    init_s, _ = time_it(lambda: Tokenizer(vocab, merges, [EOT]), 3)
+    tok = Tokenizer(vocab, merges, [EOT])
     ranks = {b: i for i, b in tok.vocab.items() if i != tok.eot_id}
     enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
-    text = build_text(fixtures, int(mb * 1e6), args.novel)
-    nbytes = len(text.encode("utf-8"))
-    print(f"text: {nbytes / 1e6:.2f} MB, {len(text.split()):,} words, {args.novel:.1%} of them made new; "
-          f"{repeats} timed runs each, median")
+    for name in args.texts.split(","):
+        if name == "cache-friendly":
+            text = build_text(fixtures, int(mb * 1e6), args.novel)
+            label = f"fixture lines re-sampled, {args.novel:.0%} of the words made new (cache-friendly)"
+        elif name in diverse_text.KINDS:
+            path, source = diverse_text.build(name, mb)
+            text = path.read_text(encoding="utf-8")
+            label = diverse_text.describe(path, source, name)
+        else:
+            sys.exit(f"unknown text {name!r}; choose from {', '.join(TEXTS)}")
+        bench_text(name, text, label, vocab, merges, enc, repeats, warm=name == "cache-friendly")
 
-    # Contenders alternate within each repeat, so load from other processes hits both alike;
-    # the ratio is taken per repeat, then the median.
-    warm = Tokenizer(vocab, merges, [EOT])
-    warm.encode(text)
-    ours_t, theirs_t, warm_t = [], [], []
-    for _ in range(repeats):
-        s, ours = time_it(lambda: Tokenizer(vocab, merges, [EOT]).encode(text), 1)
-        ours_t.append(s)
-        s, theirs = time_it(lambda: enc.encode(text, allowed_special="all"), 1)
-        theirs_t.append(s)
-        warm_t.append(time_it(lambda: warm.encode(text), 1)[0])
-        if ours != theirs:
-            sys.exit("MISMATCH: Tokenizer.encode and tiktoken disagree on the benchmark text")
-    med = statistics.median
-    ours_mbs, theirs_mbs, warm_mbs = nbytes / med(ours_t) / 1e6, nbytes / med(theirs_t) / 1e6, nbytes / med(warm_t) / 1e6
-    cold_ratio = med(t / o for t, o in zip(theirs_t, ours_t))
-    warm_ratio = med(t / w for t, w in zip(theirs_t, warm_t))
-    print(f"tokens: {len(ours):,} ({nbytes / len(ours):.2f} bytes/token), ids identical to tiktoken")
-    print(f"tiktoken encode (1 thread)       : {theirs_mbs:6.2f} MB/s")
-    print(f"Tokenizer.encode (cold cache)    : {ours_mbs:6.2f} MB/s   ratio {cold_ratio:.2f}x tiktoken")
-    print(f"Tokenizer.encode (warm cache)    : {warm_mbs:6.2f} MB/s   ratio {warm_ratio:.2f}x tiktoken")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "text.txt"
-        path.write_text(text, encoding="utf-8")
-
-        def stream() -> int:
-            count = 0
-            with open(path, encoding="utf-8") as f:
-                for _ in Tokenizer(vocab, merges, [EOT]).encode_iterable(f):
-                    count += 1
-            return count
-
-        stream_s, count = time_it(stream, repeats)
-        if count != len(ours):
-            sys.exit("MISMATCH: encode_iterable gave a different number of ids than encode")
-        print(f"Tokenizer.encode_iterable (file) : {nbytes / stream_s / 1e6:6.2f} MB/s (line by line, cold cache)")
-
-        fresh = Tokenizer(vocab, merges, [EOT])
-        tracemalloc.start()
-        fresh.encode(text)
-        encode_peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        fresh = Tokenizer(vocab, merges, [EOT])
-        tracemalloc.start()
-        with open(path, encoding="utf-8") as f:
-            for _ in fresh.encode_iterable(f):
-                pass
-        stream_peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    print(f"peak traced memory: encode {encode_peak / 2**20:.1f} MiB (incl. the {len(ours):,}-id result list and caches), "
-          f"encode_iterable {stream_peak / 2**20:.1f} MiB (incl. caches)")
-    print(f"load GPT-2 files (from_files): {load_s * 1000:.0f} ms; Tokenizer(vocab, merges) alone: {init_s * 1000:.0f} ms")
+    start = time.perf_counter()
+    Tokenizer.from_files(vocab_path, merges_path, [EOT])
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    Tokenizer(vocab, merges, [EOT])
+    init_s = time.perf_counter() - start
+    print(f"\nload GPT-2 files (from_files): {load_s * 1000:.0f} ms; Tokenizer(vocab, merges) alone: {init_s * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import os
 import pickle
 from collections.abc import Generator, Iterable, Iterator
 from bisect import bisect_right
-from itertools import accumulate, chain, compress, repeat
-from operator import is_, sub
+from itertools import accumulate, chain, repeat
+from operator import sub
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,9 @@ LONG_PRETOKEN = 256
 # least BATCH_MIN of them come together (below that, the loop in _bpe is faster).
 BATCH_WIDTHS = (16, 32, 64)
 BATCH_MIN = 64
-# Encoding by space units (Tokenizer._encode_units) pays off while at most this fraction of a block's
-# units misses the unit cache (measured: 2-5 % on prose once warm, 15-30 % on source code); above it,
-# blocks are encoded by pre-tokens. The miss rate is measured on the first UNIT_SAMPLE characters.
+# Encoding by space units (Tokenizer._encode_units) pays off while at most this fraction of the units
+# misses the unit cache (measured: 2-5 % on prose once warm, 15-30 % on source code); above it, the rest
+# of the block is encoded by pre-tokens. The miss rate is measured on pieces of UNIT_SAMPLE characters.
 UNIT_MISS_MAX = 0.08
 UNIT_SAMPLE = 1 << 13
 # A contraction like "'ll" decides a pre-token from up to this many characters.
@@ -440,18 +440,20 @@ class Tokenizer:
 
         Two ways, same ids. Space units (``_encode_units``) are fastest for prose whose words are mostly
         known; pre-tokens (``_encode_pretokens``) for text where many units are new, such as source code.
-        The block's first ``UNIT_SAMPLE`` characters go by units (which keeps the unit cache filled), and
-        their unit-cache miss rate decides the way for the rest.
+        The block goes by units ``UNIT_SAMPLE`` characters at a time (which also keeps the unit cache
+        filled) until a piece's unit-cache miss rate exceeds ``UNIT_MISS_MAX``; the rest goes by pre-tokens.
         """
         if not self._units_ok:
             return self._encode_pretokens(self._pretokens(text, block))
-        head, rest = _split_block(text, block, UNIT_SAMPLE)
-        ids, miss_rate = self._encode_units(text, head) if head else (b"", 1.0)
-        if not rest:
-            return ids
-        if miss_rate <= UNIT_MISS_MAX:
-            return ids + self._encode_units(text, rest)[0]
-        return ids + self._encode_pretokens(self._pretokens(text, rest))
+        parts = []
+        while block:
+            head, block = _split_block(text, block, UNIT_SAMPLE)
+            ids, miss_rate = self._encode_units(text, head)
+            parts.append(ids)
+            if miss_rate > UNIT_MISS_MAX and block:
+                parts.append(self._encode_pretokens(self._pretokens(text, block)))
+                break
+        return b"".join(parts)
 
     @staticmethod
     def _pretokens(text: str, block: list[tuple[int, int] | str]) -> list[str]:
@@ -546,7 +548,7 @@ class Tokenizer:
         cache = self._cache
         parts = list(map(cache.current.get, pretokens))
         if None in parts:
-            where = list(compress(range(len(parts)), map(is_, parts, repeat(None))))
+            where = _positions_of_none(parts)
             missing = dict.fromkeys(map(pretokens.__getitem__, where))
             found = cache.recall(missing)
             found.update((t, ids) for t, ids in self._special_parts.items() if t in missing)
@@ -654,6 +656,18 @@ def load_tokenizer(directory: str | os.PathLike, special_tokens: list[str] | Non
 
 def _rebuild(vocab, merges, special_tokens, cache_size) -> Tokenizer:
     return Tokenizer(vocab, merges, special_tokens, cache_size=cache_size)
+
+
+def _positions_of_none(items: list) -> list[int]:
+    """Indices of the ``None`` items (few among many: ``list.index`` skips the rest at C speed)."""
+    found = []
+    i = -1
+    try:
+        while True:
+            i = items.index(None, i + 1)
+            found.append(i)
+    except ValueError:
+        return found
 
 
 def _split_block(text: str, block: list[tuple[int, int] | str], size: int) -> tuple[list, list]:
