@@ -23,6 +23,7 @@ line, and peak traced memory (tracemalloc) of ``encode`` and ``encode_iterable``
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
@@ -99,16 +100,21 @@ def bench_text(name: str, text: str, label: str, vocab, merges, enc, repeats: in
     rows: dict[str, list[tuple[float, float]]] = {"tiktoken": [], "cold": [], "warm": []}
     ours = theirs = None
     for _ in range(repeats):  # alternating within each repeat
+        ours = theirs = None  # previous results freed before timing, for both alike
         fresh = Tokenizer(vocab, merges, [EOT])  # built outside the timer, as tiktoken's Encoding is
+        gc.collect()
         wall, cpu, ours = timed(lambda: fresh.encode(text))
         rows["cold"].append((wall, cpu))
+        gc.collect()
         wall, cpu, theirs = timed(lambda: enc.encode(text, allowed_special="all"))
         rows["tiktoken"].append((wall, cpu))
-        if warm_tok is not None:
-            wall, cpu, _ = timed(lambda: warm_tok.encode(text))
-            rows["warm"].append((wall, cpu))
         if ours != theirs:
             sys.exit(f"MISMATCH: Tokenizer.encode and tiktoken disagree on the {name} text")
+        if warm_tok is not None:
+            theirs = None
+            gc.collect()
+            wall, cpu, _ = timed(lambda: warm_tok.encode(text))
+            rows["warm"].append((wall, cpu))
     med = statistics.median
     tk = rows["tiktoken"]
     print(f"  {nbytes / 1e6:.1f} MB, {len(ours):,} tokens ({nbytes / len(ours):.2f} bytes/token), ids identical to tiktoken;"

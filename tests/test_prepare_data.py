@@ -136,6 +136,30 @@ def test_parallel_path_matches_reference(tmp_path, gpt2):
     assert np.fromfile(tmp_path / "par.bin", dtype=np.uint16).tolist() == gpt2.encode(text)
 
 
+class _PlainEncoder:
+    """Only ``encode`` (no ``encode_array``): tokenize_file must work with any such encoder."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+
+def test_parallel_path_with_a_plain_encoder_and_a_bad_vocab_size(tmp_path, gpt2):
+    rng = random.Random(3)
+    text = "\n".join(_tricky_text(rng, 30) for _ in range(300))
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    tokenize_file(src, tmp_path / "plain.bin", _PlainEncoder(gpt2), vocab_size=gpt2.vocab_size, special_tokens=[EOT],
+                  chunk_bytes=512, num_workers=2, parallel=True)
+    assert np.fromfile(tmp_path / "plain.bin", dtype=np.uint16).tolist() == gpt2.encode(text)
+    # Ids the declared vocab cannot hold are caught in the workers: one clear error, no output.
+    with pytest.raises(ValueError, match="does not match vocab_size"):
+        tokenize_file(src, tmp_path / "bad.bin", gpt2, vocab_size=300, chunk_bytes=512, num_workers=2, parallel=True)
+    assert not (tmp_path / "bad.bin").exists() and not (tmp_path / "bad.bin.json").exists()
+
+
 def test_metadata_and_uint32_ids(tmp_path, gpt2):
     src = tmp_path / "in.txt"
     src.write_text("Once upon a time.\n" + EOT + "\nThe end.\n", encoding="utf-8")

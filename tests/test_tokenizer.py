@@ -337,6 +337,9 @@ class PretokenSpy(Tokenizer):
         super().__init__(*args, **kwargs)
         self.spy_ids: dict[str, int] = {}
 
+    def _as_list(self, ids):
+        return ids.tolist()  # the made-up ids are beyond the vocab
+
     def _pretoken_parts(self, pretokens):
         out = []
         for p in pretokens:
