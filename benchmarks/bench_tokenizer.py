@@ -4,8 +4,9 @@
     uv run python benchmarks/bench_tokenizer.py --quick    # 2 MB per text, 3 repeats
     uv run python benchmarks/bench_tokenizer.py --texts code,multilingual
 
-Texts (each timed run of ours uses a fresh Tokenizer, cold caches, as a worker process starts; it is
-built before the timer starts, as tiktoken's Encoding is, and the build time is printed at the end):
+Texts (each cold run encodes the text once in a fresh process, ours and tiktoken alternately, as a
+worker process starts: our Tokenizer is built before the timer starts, as tiktoken's Encoding is, and
+the build time is printed at the end):
   * ``code``, ``multilingual``, ``mixed``: diverse text nobody on the project wrote, built offline by
     ``benchmarks/diverse_text.py`` (sources and docs of the packages in ``.venv``; gettext translations
     in 100+ languages; both shuffled together), documents joined with ``<|endoftext|>``;
@@ -16,6 +17,7 @@ built before the timer starts, as tiktoken's Encoding is, and the build time is 
 
 The contenders alternate within each repeat and the ratio is the median of the per-repeat ratios, so
 load from other processes affects both alike; the CPU-time ratio (``time.process_time``) is printed too.
+Every cold run's ids are compared with tiktoken's.
 Prints MB/s (UTF-8 bytes, medians), the ratios, ``encode_iterable`` over the text as a file read line by
 line, and peak traced memory (tracemalloc) of ``encode`` and ``encode_iterable``.
 """
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,44 +94,67 @@ def peak_traced(fn) -> float:
         tracemalloc.stop()
 
 
+def cold_run(contender: str, text_path: Path, ids_path: Path) -> dict:
+    """One encode of the text in this (fresh) process; the ids go to ``ids_path``."""
+    import numpy as np
+
+    vocab, merges, enc = load_peers()
+    text = text_path.read_bytes().decode("utf-8")
+    if contender == "ours":
+        tok = Tokenizer(vocab, merges, [EOT])
+        gc.collect()
+        wall, cpu, ids = timed(lambda: tok.encode(text))
+    else:
+        gc.collect()
+        wall, cpu, ids = timed(lambda: enc.encode(text, allowed_special="all"))
+    np.asarray(ids, dtype=np.uint32).tofile(ids_path)
+    return {"wall": wall, "cpu": cpu}
+
+
+def run_cold(contender: str, text_path: Path, ids_path: Path) -> tuple[float, float]:
+    cmd = [sys.executable, __file__, "--cold-run", contender, str(text_path), str(ids_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"cold run of {contender} failed:\n{out.stderr}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["wall"], result["cpu"]
+
+
 def bench_text(name: str, text: str, label: str, vocab, merges, enc, repeats: int, warm: bool) -> None:
     nbytes = len(text.encode("utf-8"))
     print(f"\n[{name}] {label}")
-    warm_tok = None
-    if warm:
+    rows: dict[str, list[tuple[float, float]]] = {"tiktoken": [], "cold": [], "warm": [], "tiktoken_warm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        text_path, ours_ids, their_ids = Path(tmp) / "text.txt", Path(tmp) / "ours.u32", Path(tmp) / "theirs.u32"
+        text_path.write_bytes(text.encode("utf-8"))
+        for _ in range(repeats):  # alternating within each repeat
+            rows["cold"].append(run_cold("ours", text_path, ours_ids))
+            rows["tiktoken"].append(run_cold("tiktoken", text_path, their_ids))
+            if ours_ids.read_bytes() != their_ids.read_bytes():
+                sys.exit(f"MISMATCH: Tokenizer.encode and tiktoken disagree on the {name} text")
+        n_tokens = ours_ids.stat().st_size // 4
+    if warm:  # in this process: a tokenizer that has seen the text, and tiktoken beside it
         warm_tok = Tokenizer(vocab, merges, [EOT])
         warm_tok.encode(text)
-    rows: dict[str, list[tuple[float, float]]] = {"tiktoken": [], "cold": [], "warm": []}
-    ours = theirs = None
-    for _ in range(repeats):  # alternating within each repeat
-        ours = theirs = None  # previous results freed before timing, for both alike
-        fresh = Tokenizer(vocab, merges, [EOT])  # built outside the timer, as tiktoken's Encoding is
-        gc.collect()
-        wall, cpu, ours = timed(lambda: fresh.encode(text))
-        rows["cold"].append((wall, cpu))
-        gc.collect()
-        wall, cpu, theirs = timed(lambda: enc.encode(text, allowed_special="all"))
-        rows["tiktoken"].append((wall, cpu))
-        if ours != theirs:
-            sys.exit(f"MISMATCH: Tokenizer.encode and tiktoken disagree on the {name} text")
-        if warm_tok is not None:
-            theirs = None
+        for _ in range(repeats):
             gc.collect()
-            wall, cpu, _ = timed(lambda: warm_tok.encode(text))
-            rows["warm"].append((wall, cpu))
+            rows["warm"].append(timed(lambda: warm_tok.encode(text))[:2])
+            gc.collect()
+            rows["tiktoken_warm"].append(timed(lambda: enc.encode(text, allowed_special="all"))[:2])
     med = statistics.median
     tk = rows["tiktoken"]
-    print(f"  {nbytes / 1e6:.1f} MB, {len(ours):,} tokens ({nbytes / len(ours):.2f} bytes/token), ids identical to tiktoken;"
+    print(f"  {nbytes / 1e6:.1f} MB, {n_tokens:,} tokens ({nbytes / n_tokens:.2f} bytes/token), ids identical to tiktoken;"
           f" {repeats} runs, medians; load average {os.getloadavg()[0]:.2f}")
     print(f"  tiktoken encode (1 thread)        {nbytes / med(w for w, _ in tk) / 1e6:6.2f} MB/s")
-    for key, what in (("cold", "Tokenizer.encode, fresh (cold)"), ("warm", "Tokenizer.encode, warm caches")):
+    for key, what, peer in (("cold", "Tokenizer.encode, fresh (cold)", tk),
+                            ("warm", "Tokenizer.encode, warm caches", rows["tiktoken_warm"])):
         if not rows[key]:
             continue
         runs = rows[key]
-        ratio = med(t[0] / o[0] for t, o in zip(tk, runs))
-        cpu_ratio = med(t[1] / o[1] for t, o in zip(tk, runs))
+        ratio = med(t[0] / o[0] for t, o in zip(peer, runs))
+        cpu_ratio = med(t[1] / o[1] for t, o in zip(peer, runs))
         print(f"  {what:33s} {nbytes / med(w for w, _ in runs) / 1e6:6.2f} MB/s   ratio {ratio:.2f}x tiktoken "
-              f"(CPU time {cpu_ratio:.2f}x; runs {', '.join(f'{t[0] / o[0]:.2f}' for t, o in zip(tk, runs))})")
+              f"(CPU time {cpu_ratio:.2f}x; runs {', '.join(f'{t[0] / o[0]:.2f}' for t, o in zip(peer, runs))})")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "text.txt"
@@ -145,8 +172,8 @@ def bench_text(name: str, text: str, label: str, vocab, merges, enc, repeats: in
             fresh = Tokenizer(vocab, merges, [EOT])
             wall, _, count = timed(lambda: stream(fresh))
             stream_runs.append(wall)
-            if count != len(ours):
-                sys.exit(f"MISMATCH: encode_iterable gave {count} ids, encode {len(ours)}")
+            if count != n_tokens:
+                sys.exit(f"MISMATCH: encode_iterable gave {count} ids, encode {n_tokens}")
         print(f"  Tokenizer.encode_iterable (file)  {nbytes / med(stream_runs) / 1e6:6.2f} MB/s (line by line, cold)")
         encode_peak = peak_traced(lambda: Tokenizer(vocab, merges, [EOT]).encode(text))
 
@@ -156,8 +183,24 @@ def bench_text(name: str, text: str, label: str, vocab, merges, enc, repeats: in
                     pass
 
         stream_peak = peak_traced(stream_all)
-    print(f"  peak traced memory: encode {encode_peak:.1f} MiB (incl. the {len(ours):,}-id list and caches), "
+    print(f"  peak traced memory: encode {encode_peak:.1f} MiB (incl. the {n_tokens:,}-id list and caches), "
           f"encode_iterable {stream_peak:.1f} MiB (incl. caches)")
+
+
+def load_peers():
+    """GPT-2's vocab and merges from the fixtures, and tiktoken's Encoding built from the same files."""
+    import tiktoken
+
+    fixtures = fixtures_root()
+    if fixtures is None:
+        sys.exit("benchmark needs the CS336 fixtures: set $CS336_FIXTURES or place them at ../shared/fixtures")
+    fixtures = fixtures / "fixtures"
+    vocab = load_gpt2_vocab(fixtures / "gpt2_vocab.json")
+    merges = load_gpt2_merges(fixtures / "gpt2_merges.txt")
+    eot_id = next(i for i, b in vocab.items() if b == EOT.encode())
+    ranks = {b: i for i, b in vocab.items() if i != eot_id}
+    enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot_id})
+    return vocab, merges, enc
 
 
 def main() -> None:
@@ -167,21 +210,17 @@ def main() -> None:
     parser.add_argument("--texts", default=",".join(TEXTS), help=f"comma-separated, from {', '.join(TEXTS)}")
     parser.add_argument("--novel", type=float, default=0.03, help="cache-friendly text: fraction of words made new")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
+    parser.add_argument("--cold-run", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cold_run:
+        contender, text_path, ids_path = args.cold_run
+        print(json.dumps(cold_run(contender, Path(text_path), Path(ids_path))))
+        return
     mb = args.mb or (2.0 if args.quick else 10.0)
     repeats = args.repeats or (3 if args.quick else 5)
-
-    import tiktoken
-
-    fixtures = fixtures_root()
-    if fixtures is None:
-        sys.exit("benchmark needs the CS336 fixtures: set $CS336_FIXTURES or place them at ../shared/fixtures")
-    fixtures = fixtures / "fixtures"
+    vocab, merges, enc = load_peers()
+    fixtures = fixtures_root() / "fixtures"
     vocab_path, merges_path = fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt"
-    vocab, merges = load_gpt2_vocab(vocab_path), load_gpt2_merges(merges_path)
-    tok = Tokenizer(vocab, merges, [EOT])
-    ranks = {b: i for i, b in tok.vocab.items() if i != tok.eot_id}
-    enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
     for name in args.texts.split(","):
         if name == "cache-friendly":
