@@ -35,7 +35,7 @@ __all__ = ["DataError", "TokenizeResult", "check_text_file", "find_safe_boundari
 
 FORMAT_VERSION = 1
 METADATA_SUFFIX = ".json"  # data/train.bin -> data/train.bin.json
-MAX_CHUNK_BYTES = 8 << 20  # per task: bounds worker memory (~100 MB each) for any input size
+MAX_CHUNK_BYTES = 4 << 20  # per task: bounds the memory a worker needs besides its caches (~40 MB)
 MIN_CHUNK_BYTES = 256 << 10
 
 
@@ -197,7 +197,7 @@ def tokenize_file(
     The tokens equal ``tokenizer.encode(whole_text)``. ``parallel=None`` uses a process pool of
     ``num_workers`` (default: all CPUs) for inputs over a few MB; both files are written under a
     temporary name and renamed when complete. ``chunk_bytes=None`` picks at least 4 chunks per
-    worker (so workers finish together), between 256 KB and 8 MB each.
+    worker (so workers finish together), between 256 KB and 4 MB each.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     dtype = token_dtype(vocab_size)
