@@ -20,8 +20,8 @@ import heapq
 import json
 import os
 import pickle
-from collections.abc import Generator, Iterable, Iterator
 from bisect import bisect_right
+from collections.abc import Generator, Iterable, Iterator
 from itertools import accumulate, chain, repeat
 from operator import sub
 from pathlib import Path
@@ -107,7 +107,7 @@ class _BatchMerger:
 
     def __init__(self, ranks: dict[tuple[int, int], int], merge_ids: list[int], byte_ids: list[int]) -> None:
         self.none = len(merge_ids)
-        self.merge_ids = np.array(merge_ids + [0], dtype=np.int64)
+        self.merge_ids = np.array(merge_ids, dtype=np.int64)
         self.byte_ids = np.array(byte_ids, dtype=np.int64)
         # Open hashing in numpy: each key goes to slot hash(key) unless an earlier key took it; those few
         # go to a sorted overflow array, searched only for queries whose slot is marked as overflowed.
