@@ -18,7 +18,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from cs336_basics.tokenize_data import DataError, check_text_file, tokenize_file, tokenizer_sha256
+from cs336_basics.common import disk_full_error, is_disk_full, run_cli
+from cs336_basics.data import DataError, tokenizer_sha256
+from cs336_basics.tokenize_data import check_text_file, tokenize_file
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
 MAX_VOCAB_SIZE = 1 << 20  # far above any useful byte-level BPE vocab; ids still fit in uint32
@@ -178,21 +180,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 bad input, 130 interrupted)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output files were left behind", file=sys.stderr)
-        return 130
-    return 0
+
+    def guarded() -> None:
+        try:
+            run(args)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(e.filename or args.output_dir) from None
+            where = f": {e.filename}" if e.filename else ""
+            raise DataError(f"{e.strerror or e}{where}") from None
+
+    return run_cli(guarded, interrupted="error: interrupted; no partial output files were left behind")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 ``load_config("cs336_basics/config.yaml", ["training.batch_size=16"])`` gives a :class:`Config`. Every key is
 checked: an unknown or misspelt key is an error naming it (with the closest valid key), and values are coerced to
-the field's type, so ``max_lr: 3e-4`` (a *string* to YAML 1.1) becomes the float 0.0003. ``asdict(cfg.model)``
-is exactly the keyword arguments of :class:`cs336_basics.model.TransformerLM`, which is how checkpoints rebuild
-their model.
+the field's type, so ``max_lr: 3e-4`` (a *string* to YAML 1.1) becomes the float 0.0003. ``cfg.model`` is the
+:class:`ModelConfig` that builds the model (``TransformerLM(cfg.model)``); checkpoints store it as a dict and
+rebuild it with ``ModelConfig(**saved)``.
 """
 
 from __future__ import annotations
@@ -19,28 +19,55 @@ from typing import Any, Iterable
 
 import yaml
 
+from cs336_basics.common import UserError
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
 
 ATTENTION_IMPLS = ("sdpa", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
+MODEL_CHOICES = {  # ablation switches: the first choice is the CS336 architecture
+    "norm": ("rmsnorm", "none"),
+    "norm_position": ("pre", "post"),
+    "position_embedding": ("rope", "none"),
+    "ffn": ("swiglu", "silu"),
+    "attention_impl": ATTENTION_IMPLS,
+}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration file or override; the message is one line that says how to fix it."""
 
 
 @dataclass
 class ModelConfig:
-    """Transformer LM shape; the fields are exactly ``TransformerLM``'s keyword arguments."""
+    """The one description of a Transformer LM: ``TransformerLM(ModelConfig(...))``; checkpoints store its fields.
+
+    The ablation switches default to the CS336 architecture (pre-norm RMSNorm, RoPE, SwiGLU).
+    """
 
     vocab_size: int = 10000
     context_length: int = 1024
     d_model: int = 512
     num_layers: int = 6
     num_heads: int = 8
-    d_ff: int = 1344
+    d_ff: int | None = None  # None: SwiGLU 8/3 d_model rounded down to a multiple of 64 (1344 for 512); SiLU 4 d_model
     rope_theta: float = 10000.0
     attention_impl: str = "sdpa"
+    norm: str = "rmsnorm"  # rmsnorm | none
+    norm_position: str = "pre"  # pre | post
+    position_embedding: str = "rope"  # rope | none (NoPE)
+    ffn: str = "swiglu"  # swiglu | silu (ungated, two matrices)
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model, self.ffn)
+
+
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """SwiGLU: 8/3 d_model rounded down to a multiple of 64 (at least 64); SiLU: 4 d_model (same parameter count)."""
+    if ffn == "silu":
+        return 4 * d_model
+    return max(64, (8 * d_model // 3) // 64 * 64)
 
 
 @dataclass
@@ -289,7 +316,8 @@ def _validate(cfg: Config, source: str) -> None:
                 need(value > 0, f"{section}.{f.name} must be > 0, got {value}")
     need(m.d_model % m.num_heads == 0, f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")
     need((m.d_model // m.num_heads) % 2 == 0, f"model.d_model / model.num_heads must be even for RoPE, got {m.d_model // m.num_heads}")
-    need(m.attention_impl in ATTENTION_IMPLS, f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}; got {m.attention_impl!r}")
+    for key, choices in MODEL_CHOICES.items():
+        need(getattr(m, key) in choices, f"model.{key} must be one of {', '.join(choices)}; got {getattr(m, key)!r}")
     need(t.warmup_iters >= 0 and t.seed >= 0, "training.warmup_iters and training.seed must be >= 0")
     need(t.grad_clip >= 0 and t.weight_decay >= 0 and t.min_lr >= 0, "training.grad_clip, weight_decay and min_lr must be >= 0")
     need(t.min_lr <= t.max_lr, f"training.min_lr={t.min_lr} must not exceed training.max_lr={t.max_lr}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from cs336_basics.common import UserError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UserError):
     """The requested device does not exist here; the message is one line saying why."""
 
 

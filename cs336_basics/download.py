@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cs336_basics.common import UserError
 from cs336_basics.fileio import atomic_output
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -55,7 +56,7 @@ DATASETS: dict[str, list[RemoteFile]] = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A one-line, user-facing download failure."""
 
 

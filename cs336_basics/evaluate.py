@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cs336_basics.generate import UserError, load_checkpoint_model, pick_device
+from cs336_basics.common import UserError, run_cli
+from cs336_basics.generate import load_checkpoint_model, pick_device
 
 
 def iter_windows(num_tokens: int, context_length: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
@@ -112,7 +113,7 @@ def evaluate(
 def load_checked_tokens(path: str | Path, model_vocab_size: int) -> np.ndarray:
     """The token stream in ``path``; UserError when missing, unreadable or made with another vocab."""
     from cs336_basics.data import load_tokens
-    from cs336_basics.tokenize_data import read_metadata
+    from cs336_basics.data import read_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -152,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.max_tokens is not None and args.max_tokens < 2:
@@ -166,25 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = load_checked_tokens(args.data, model.vocab_size)
         if args.max_tokens is not None:
             tokens = tokens[: args.max_tokens]
-        result = evaluate(
-            model,
-            tokens,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            device=device,
-            progress=not args.no_progress,
-        )
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            result = evaluate(model, tokens, context_length=args.context_length, batch_size=args.batch_size,
+                              device=device, progress=not args.no_progress)
+        except ValueError as exc:  # a token id outside the model's vocab
+            raise UserError(f"{args.data}: {exc}") from None
+        if args.json:
+            print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
+        else:
+            print(f"loss: {result['loss']:.4f}")
+            print(f"perplexity: {result['perplexity']:.4f}")
+            print(f"tokens: {result['num_tokens']:,}")
 
-    if args.json:
-        print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
-    else:
-        print(f"loss: {result['loss']:.4f}")
-        print(f"perplexity: {result['perplexity']:.4f}")
-        print(f"tokens: {result['num_tokens']:,}")
-    return 0
+    return run_cli(run)
 
 
 if __name__ == "__main__":

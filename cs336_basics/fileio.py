@@ -1,26 +1,106 @@
-"""Atomic file output: every file the project writes appears complete or not at all."""
+"""Atomic file output: every file the project writes appears complete or not at all.
+
+A writer fills a hidden temporary file beside the target, ``.NAME.HOST.PID.tmp``, and renames it over the target
+when complete. A writer killed midway (SIGKILL, power loss) cannot remove its temporary file, so the next writer of
+the same target removes the stale ones first: those of a process on this host that no longer exists, and those
+of another host (a previous Modal container, say) untouched for ``STALE_FOREIGN_S``.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cs336_basics.common import disk_full_error, is_disk_full
+
+STALE_FOREIGN_S = 3600.0  # a live writer on another host touches its file far more often than this
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temporary name this process uses while writing ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files of ``path`` left by writers that died; return what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for tmp in candidates:
+        parts = tmp.name[len(prefix) : -len(".tmp")].rsplit(".", 1)
+        if len(parts) == 2 and parts[1].isdigit():
+            owner, pid = parts[0], int(parts[1])
+        elif parts[-1].isdigit():  # the older .NAME.PID.tmp form
+            owner, pid = host, int(parts[-1])
+        else:
+            continue
+        try:
+            if owner == host:
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = now - tmp.stat().st_mtime > STALE_FOREIGN_S
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
+def _ran_out_of_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from is a full disk (torch.save re-raises it as RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if is_disk_full(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
-    The temporary name starts with a dot and ends in ``.tmp``, in the same folder (so the rename is atomic). An
-    interrupted or failed write never leaves a file at ``path`` that looks complete, and the temporary file is
-    removed on failure. The parent folder is created if needed.
+    The temporary file is in the same folder (so the rename is atomic) and is removed on failure; stale
+    temporaries of the same target from dead writers are removed first. The parent folder is created if needed.
+    Running out of space raises :class:`~cs336_basics.common.DiskFullError` naming the folder (``size_hint``:
+    the bytes the file needs, for that message).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as exc:
+        if _ran_out_of_space(exc):
+            raise disk_full_error(path, size_hint) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)

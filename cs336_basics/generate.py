@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import os
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +25,7 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 
 import torch
 
+from cs336_basics.common import UserError, one_line, run_cli
 from cs336_basics.device import DeviceError
 from cs336_basics.device import pick_device as choose_device
 
@@ -198,10 +199,6 @@ class TextStreamer:
 # ----------------------------------------------------------------------------- CLI
 
 
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
-
-
 def pick_device(name: str) -> torch.device:
     """``--device``: auto (cuda, then mps, then cpu) or a device that exists here; else a UserError."""
     try:
@@ -217,20 +214,9 @@ def load_checkpoint_model(path: str | Path, device: torch.device) -> tuple[torch
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (download it first or pass --checkpoint PATH)")
-    try:
-        config = read_checkpoint(path).get("config")
-        model = load_model(path, device=device)
-    except (OSError, ValueError) as exc:  # unreadable or not a training checkpoint; the message names the file
-        raise UserError(one_line(str(exc))) from None
-    except Exception as exc:  # e.g. weights that do not fit the saved model config
-        raise UserError(one_line(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}")) from None
-    return model, config if isinstance(config, dict) else {}
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """Collapse a (possibly multi-line) message into one line of at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    ckpt = read_checkpoint(path)
+    config = ckpt.get("config")
+    return load_model(ckpt, device=device), config if isinstance(config, dict) else {}
 
 
 def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
@@ -296,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
@@ -305,9 +291,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         check_args(args)
         device = pick_device(args.device)
         model, config = load_checkpoint_model(args.checkpoint, device)
@@ -318,19 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if eos_id is None:
                 raise UserError(f"--prompt is empty and the tokenizer has no {EOS_TOKEN} token to start from")
             prompt_ids = [eos_id]
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    try:
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         write_samples(model, tokenizer, args, prompt_ids, eos_id, generator, sys.stdout)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+
+    return run_cli(run, interrupted="")
 
 
 def write_samples(model, tokenizer, args: argparse.Namespace, prompt_ids: list[int], eos_id: int | None,

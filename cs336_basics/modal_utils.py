@@ -29,6 +29,7 @@ import modal.config
 import modal.exception
 from modal.types import FileEntryType
 
+from cs336_basics.common import UserError
 from cs336_basics.fileio import atomic_output
 
 VOLUME_NAME = "transformer-training-vol"
@@ -41,7 +42,7 @@ SETUP_HINT = "run `modal setup` (or set MODAL_TOKEN_ID / MODAL_TOKEN_SECRET) and
 app = modal.App("cs336-volume-utils")
 
 
-class VolumeError(Exception):
+class VolumeError(UserError):
     """A user-facing problem with a volume operation; its message is the one line the CLI prints."""
 
 
@@ -56,7 +57,7 @@ class RemoteFile:
 
 def metadata_name(bin_name: str) -> str:
     """Name of the metadata JSON that tokenize_data writes beside ``bin_name`` (same folder)."""
-    from cs336_basics.tokenize_data import metadata_path
+    from cs336_basics.data import metadata_path
 
     return metadata_path(Path(bin_name)).as_posix()
 

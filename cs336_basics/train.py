@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cs336_basics.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from cs336_basics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from cs336_basics.common import DivergedError, UserError, run_cli
 from cs336_basics.config import Config, ConfigError, config_to_dict, load_config
 from cs336_basics.data import get_batch, load_tokens
 from cs336_basics.device import DeviceError, pick_device
@@ -59,8 +60,8 @@ PREPARE_HINT = (
 )
 
 
-class TrainingError(RuntimeError):
-    """A problem the user can fix (bad data, diverged run, out of memory); the message says how."""
+class TrainingError(UserError):
+    """A problem the user can fix (bad data, out of memory); the message says how."""
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -118,7 +119,7 @@ def autocast_for(device: torch.device, dtype: str) -> tuple[Callable[[], object]
 
 def open_datasets(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Memmap train/val tokens after checking they exist, are long enough and match ``model.vocab_size``."""
-    from cs336_basics.tokenize_data import read_metadata
+    from cs336_basics.data import read_metadata
 
     vocab = cfg.model.vocab_size
     where = f"in {cfg.source}" if cfg.source else "in your config"
@@ -180,7 +181,7 @@ def sampled_max_token(tokens: np.ndarray, chunks: int = 16, chunk_len: int = 1 <
 
 def _check_tokenizer_dir(cfg: Config, data_hash: str | None, where: str) -> None:
     """When ``data.tokenizer_dir`` holds a tokenizer, it must have ``model.vocab_size`` tokens."""
-    from cs336_basics.tokenize_data import tokenizer_sha256
+    from cs336_basics.data import tokenizer_sha256
     from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, load_tokenizer
 
     directory = Path(cfg.data.tokenizer_dir)
@@ -276,7 +277,7 @@ def find_latest_checkpoint(directory: str | Path) -> Path | None:
     if final.is_file():
         try:
             found.append((int(read_checkpoint(final)["iteration"]), 1, final))
-        except (OSError, ValueError) as exc:
+        except CheckpointError as exc:
             raise TrainingError(f"--resume: {exc}") from None
     return max(found)[2] if found else None
 
@@ -335,7 +336,7 @@ def _fmt_count(n: float) -> str:
 def _read(path: Path, flag: str) -> dict:
     try:
         return read_checkpoint(path)
-    except (OSError, ValueError) as exc:
+    except CheckpointError as exc:
         raise TrainingError(f"{flag}: {exc}") from None
 
 
@@ -417,7 +418,7 @@ def _train(cfg, info, use_wandb, run_name, resume, init_from, on_checkpoint) -> 
 
     # Model and optimizer (same seed on every rank; DDP also broadcasts rank 0's weights).
     torch.manual_seed(t.seed)
-    raw_model = TransformerLM(**asdict(m), device=device)
+    raw_model = TransformerLM(m, device=device)
     optimizer = AdamW(raw_model.parameters(), lr=t.max_lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     sampler = np.random.default_rng([t.seed, info.rank])
 
@@ -568,7 +569,7 @@ def _train(cfg, info, use_wandb, run_name, resume, init_from, on_checkpoint) -> 
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 kept = find_latest_checkpoint(ckpt_dir)
-                raise TrainingError(
+                raise DivergedError(
                     f"training loss became {loss_value} at iteration {done}: the run diverged; last good checkpoint: "
                     f"{kept or 'none'} (continue with --resume after lowering training.max_lr, e.g. "
                     f"training.max_lr={t.max_lr / 2:g}, or raising training.warmup_iters)"
@@ -635,21 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (1 for a problem the message explains, 130 when interrupted)."""
+    """CLI entry point; returns the exit code (see cs336_basics.common: 2 user error, 3 diverged, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    is_main = dist_info_from_env().is_main
-    try:
+
+    def run() -> None:
         cfg = load_config(args.config_path, args.overrides)
         train(cfg, wandb=args.wandb, run_name=args.run_name, resume=args.resume, init_from=args.init_from)
-    except (ConfigError, TrainingError) as exc:
-        if is_main:
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if is_main:
-            print("\ninterrupted: continue from the last checkpoint with --resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(run, quiet=not dist_info_from_env().is_main,
+                   interrupted="interrupted: continue from the last checkpoint with --resume")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Any
 import modal
 import modal.exception
 
+from cs336_basics.common import UserError
 from cs336_basics.fileio import atomic_output
 from cs336_basics.modal_utils import VOLUME_NAME, list_files, remote_path, user_error_line
 
@@ -65,7 +66,7 @@ FUNCTION_OPTIONS: dict[str, Any] = dict(
 )
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """The launch would fail on the GPU; the message says what to run or change instead."""
 
 
@@ -100,7 +101,7 @@ def upload_command(local: str | Path, remote_name: str) -> str:
 
 def read_remote_metadata(vol: Any, remote_name: str) -> dict | None:
     """The metadata JSON beside a .bin in the volume's /data/, validated as tokenize_data does; None if absent."""
-    from cs336_basics.tokenize_data import metadata_path, read_metadata
+    from cs336_basics.data import metadata_path, read_metadata
 
     meta_name = metadata_path(Path(remote_name)).as_posix()
     if meta_name not in {f.name for f in list_files(vol, "data")}:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -45,16 +44,25 @@ def test_packaged_config_has_the_workflow_values():
             assert f"  {f.name}:" in text, f"{section}.{f.name} missing from config.yaml"
 
 
-def test_model_section_is_exactly_transformer_lm_kwargs():
+def test_model_section_builds_the_model_and_resolves_d_ff():
     from cs336_basics.model import TransformerLM
 
-    params = inspect.signature(TransformerLM).parameters
-    kwargs = set(params) - {"device", "dtype", "self"}
-    assert set(asdict(ModelConfig())) == kwargs
-    model = TransformerLM(**asdict(load_config(None, ["model.d_model=32", "model.num_layers=1", "model.num_heads=2",
-                                                      "model.d_ff=64", "model.vocab_size=50",
-                                                      "model.context_length=8"]).model))
-    assert model.d_model == 32 and model.vocab_size == 50
+    cfg = load_config(None, ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.vocab_size=50",
+                             "model.context_length=8"])
+    model = TransformerLM(cfg.model)
+    assert model.config is cfg.model and model.vocab_size == 50 and model.context_length == 8
+    assert cfg.model.d_ff == 64  # 8/3 * 32 = 85.3, rounded down to a multiple of 64 (at least 64)
+    assert load_config(None).model.d_ff == 1344  # the CS336 TinyStories value for d_model 512
+    assert load_config(None, ["model.ffn=silu"]).model.d_ff == 2048  # 4 * d_model
+    assert load_config(None, ["model.ffn=silu", "model.d_ff=1000"]).model.d_ff == 1000  # given: kept
+    assert ModelConfig(**asdict(cfg.model)) == cfg.model  # what checkpoints store rebuilds the same model
+
+
+def test_ablation_switches_are_checked():
+    for key, bad in (("norm", "layernorm"), ("norm_position", "sandwich"), ("position_embedding", "alibi"),
+                     ("ffn", "geglu")):
+        with pytest.raises(ConfigError, match=f"model.{key} must be one of"):
+            load_config(None, [f"model.{key}={bad}"])
 
 
 def test_round_trip_through_plain_dicts():

@@ -102,13 +102,14 @@ def test_torchrun_resume_repeats_the_uninterrupted_run_exactly(runs):
 
 @pytest.mark.slow
 def test_two_ranks_with_half_batches_match_one_process(runs):
+    from cs336_basics.config import ModelConfig
     from cs336_basics.model import TransformerLM
     from cs336_basics.train import forward_backward
 
     root, _, _ = runs
     x, y = grad_batch()
     torch.manual_seed(0)
-    model = TransformerLM(**GRAD_MODEL)  # rank 0's weights, which DDP broadcasts to rank 1
+    model = TransformerLM(ModelConfig(**GRAD_MODEL))  # rank 0's weights, which DDP broadcasts to rank 1
     loss = forward_backward(model, [(x, y)])
     reference = [p.grad for p in model.parameters()]
     for rank in (0, 1):
@@ -147,11 +148,12 @@ def _ddp_gradients(root: Path, rank: int, world: int) -> None:
     """Gradients of DDP on this rank's half batch, with 1 and 2 micro-batches, saved to grads.RANK.pt."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from cs336_basics.config import ModelConfig
     from cs336_basics.model import TransformerLM
     from cs336_basics.train import forward_backward
 
     torch.manual_seed(rank)  # a different init per rank: DDP must broadcast rank 0's weights
-    model = TransformerLM(**GRAD_MODEL)
+    model = TransformerLM(ModelConfig(**GRAD_MODEL))
     ddp = DDP(model)
     x, y = grad_batch()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]

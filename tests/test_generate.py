@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cs336_basics.config import ModelConfig
 from cs336_basics.generate import TextStreamer, generate, main, sample_next, stream_tokens, top_p_filter
 from cs336_basics.model import TransformerLM
 from cs336_basics.tokenizer import Tokenizer
@@ -33,7 +34,7 @@ def _one_thread():
 
 def tiny_model(seed: int = 0, **overrides) -> TransformerLM:
     torch.manual_seed(seed)
-    return TransformerLM(**{**TINY, **overrides}).eval()
+    return TransformerLM(ModelConfig(**{**TINY, **overrides})).eval()
 
 
 def byte_tokenizer(special_tokens=(EOT,)) -> Tokenizer:

@@ -14,7 +14,7 @@ import pytest
 from fake_modal_volume import FakeUploadBatch, FakeVolume, parse_entrypoint_args
 
 from cs336_basics import modal_utils as mu
-from cs336_basics.tokenize_data import metadata_path
+from cs336_basics.data import metadata_path
 
 # Every modal_utils.py command of COMPLETE_TRAINING_WORKFLOW.md, verbatim (continuation lines joined).
 WORKFLOW_COMMANDS = [

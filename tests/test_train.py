@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cs336_basics.config import load_config
+from cs336_basics.common import EXIT_DIVERGED, EXIT_USER_ERROR
+from cs336_basics.config import ModelConfig, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 300
@@ -23,7 +24,7 @@ CONTEXT = 16
 
 def make_data(root: Path, vocab: int = VOCAB, n_train: int = 20_000, n_val: int = 4_000, metadata: bool = True) -> Path:
     """``root/data/{train,val}.bin`` (+ tokenize_data's JSON sidecar): a noisy cyclic token stream a tiny LM can learn."""
-    from cs336_basics.tokenize_data import FORMAT_VERSION, metadata_path
+    from cs336_basics.data import FORMAT_VERSION, metadata_path
 
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     grads = []
     for parts in (1, 2, 4):
         torch.manual_seed(1)
-        model = TransformerLM(50, 12, 32, 2, 2, 64, 10000.0)
+        model = TransformerLM(ModelConfig(50, 12, 32, 2, 2, 64, 10000.0))
         loss = forward_backward(model, list(zip(x.chunk(parts), y.chunk(parts))))
         grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
     for loss, g in grads[1:]:
@@ -256,7 +257,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(root, monkeypatch, 
         return loss, norm
 
     monkeypatch.setattr(train_mod, "train_step", diverge_at_six)
-    assert train_mod.main(tiny_overrides(root)) == 1
+    assert train_mod.main(tiny_overrides(root)) == EXIT_DIVERGED
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "loss became nan at iteration 6" in err and "checkpoint_iter_4.pt" in err and "training.max_lr=" in err
@@ -273,7 +274,7 @@ def test_cuda_out_of_memory_gives_the_remedies(root, monkeypatch, capsys):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_mod, "train_step", oom)
-    assert train_mod.main(tiny_overrides(root)) == 1
+    assert train_mod.main(tiny_overrides(root)) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: CUDA out of memory")
@@ -284,7 +285,7 @@ def test_cuda_out_of_memory_gives_the_remedies(root, monkeypatch, capsys):
 def test_vocab_mismatch_names_the_fix(root, capsys):
     from cs336_basics.train import main
 
-    assert main(tiny_overrides(root) + ["model.vocab_size=500"]) == 1
+    assert main(tiny_overrides(root) + ["model.vocab_size=500"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert f"config model.vocab_size=500 but {root / 'data' / 'train.bin'} was tokenized with a {VOCAB}-token vocab" in err
@@ -296,7 +297,7 @@ def test_vocab_checked_by_sampling_when_there_is_no_metadata(tmp_path, monkeypat
 
     make_data(tmp_path, metadata=False)
     monkeypatch.chdir(tmp_path)
-    assert main(tiny_overrides(tmp_path) + ["model.vocab_size=200"]) == 1
+    assert main(tiny_overrides(tmp_path) + ["model.vocab_size=200"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"holds token id {VOCAB - 1} but model.vocab_size=200" in err and "at least 300" in err
 
@@ -306,7 +307,7 @@ def test_tokenizer_dir_with_another_vocab_size_is_an_error(root, capsys):
     from cs336_basics.train import main
 
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save(root / "tokenizer")
-    assert main(tiny_overrides(root)) == 1
+    assert main(tiny_overrides(root)) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"the tokenizer in {root / 'tokenizer'}/ has 256 tokens" in err and "model.vocab_size: 256" in err
 
@@ -314,9 +315,9 @@ def test_tokenizer_dir_with_another_vocab_size_is_an_error(root, capsys):
 def test_bad_batch_split_and_missing_data(root, capsys):
     from cs336_basics.train import main
 
-    assert main(tiny_overrides(root, batch_size=6, gradient_accumulation_steps=4)) == 1
+    assert main(tiny_overrides(root, batch_size=6, gradient_accumulation_steps=4)) == EXIT_USER_ERROR
     assert "training.batch_size=6 must be divisible by" in capsys.readouterr().err
-    assert main(tiny_overrides(root) + ["data.train_path=nope.bin"]) == 1
+    assert main(tiny_overrides(root) + ["data.train_path=nope.bin"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"train data {root / 'data' / 'nope.bin'} not found" in err and "prepare_data.py" in err
 
@@ -328,6 +329,6 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
         [sys.executable, str(PROJECT_ROOT / "cs336_basics" / "train.py"), f"data.data_dir={tmp_path}", "training.device=cpu"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert f"train data {tmp_path / 'train.bin'} not found" in proc.stderr and "prepare_data.py" in proc.stderr

@@ -20,7 +20,7 @@ from fake_modal_volume import FakeVolume, parse_entrypoint_args
 from cs336_basics import modal_utils as mu
 from cs336_basics import train_modal as tm
 from cs336_basics.config import load_config
-from cs336_basics.tokenize_data import metadata_path
+from cs336_basics.data import metadata_path
 
 VOCAB = 64
 REAL_IMAGE = modal.Image  # the `declared` fixture swaps modal.Image for a recorder
