@@ -325,5 +325,20 @@ def _validate(cfg: Config, source: str) -> None:
     need(t.dtype in DTYPES, f"training.dtype must be one of {', '.join(DTYPES)}; got {t.dtype!r}")
     device = t.device.split(":")[0]
     need(device in ("auto", "cpu", "cuda", "mps"), f"training.device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
-    need(t.batch_size % t.gradient_accumulation_steps == 0,
-         f"training.batch_size={t.batch_size} must be divisible by training.gradient_accumulation_steps={t.gradient_accumulation_steps}")
+    check_batch_split(t.batch_size, 1, t.gradient_accumulation_steps, source)
+
+
+def check_batch_split(batch_size: int, processes: int, accumulation: int, source: str = "config") -> int:
+    """Sequences per micro-batch, or a ConfigError when ``batch_size`` does not split evenly.
+
+    ``training.batch_size`` counts sequences per optimizer step over all ``processes`` (GPUs under torchrun) and
+    ``accumulation`` steps; each process runs ``batch_size / (processes * accumulation)`` at a time.
+    """
+    parts = processes * accumulation
+    if batch_size % parts:
+        lower, upper = batch_size // parts * parts, (batch_size // parts + 1) * parts
+        who = f"{processes} process(es) x {accumulation} accumulation step(s)" if processes > 1 else \
+            f"training.gradient_accumulation_steps={accumulation}"
+        raise ConfigError(f"{source}: training.batch_size={batch_size} must be divisible by {who}: "
+                          f"use a multiple of {parts}, e.g. training.batch_size={upper if lower == 0 else lower}")
+    return batch_size // parts

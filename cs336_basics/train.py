@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from cs336_basics.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from cs336_basics.common import DivergedError, UserError, run_cli
-from cs336_basics.config import Config, ConfigError, config_to_dict, load_config
+from cs336_basics.config import Config, check_batch_split, config_to_dict, load_config
 from cs336_basics.data import get_batch, load_tokens
 from cs336_basics.device import DeviceError, pick_device
 from cs336_basics.fileio import atomic_output
@@ -404,13 +404,7 @@ def _train(cfg, info, use_wandb, run_name, resume, init_from, on_checkpoint) -> 
     autocast, precision = autocast_for(device, t.dtype)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
-    ranks_x_accum = info.world_size * t.gradient_accumulation_steps
-    if t.batch_size % ranks_x_accum:
-        raise TrainingError(
-            f"training.batch_size={t.batch_size} is not divisible by {info.world_size} process(es) x "
-            f"{t.gradient_accumulation_steps} accumulation step(s): use a multiple of {ranks_x_accum}"
-        )
-    micro_batch = t.batch_size // ranks_x_accum
+    micro_batch = check_batch_split(t.batch_size, info.world_size, t.gradient_accumulation_steps, cfg.source or "config")
     train_data, val_data = open_datasets(cfg)
     ckpt_dir = Path(cfg.data.checkpoint_dir)
     if info.is_main:

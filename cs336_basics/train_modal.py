@@ -210,16 +210,11 @@ def plan_launch(
     secret_lookup: Callable[[str], Any] | None = None,
 ) -> LaunchPlan:
     """Load and check the config and the volume; raise PreflightError / ConfigError / VolumeError on problems."""
-    from cs336_basics.config import config_to_dict, load_config
+    from cs336_basics.config import check_batch_split, config_to_dict, load_config
 
     nproc = gpu_count(gpu)
     cfg = load_config(config_path or None, list(overrides))
-    if cfg.training.batch_size % (nproc * cfg.training.gradient_accumulation_steps):
-        raise PreflightError(
-            f"training.batch_size={cfg.training.batch_size} is not divisible by {nproc} GPU(s) x "
-            f"{cfg.training.gradient_accumulation_steps} accumulation step(s); pick a multiple of "
-            f"{nproc * cfg.training.gradient_accumulation_steps}"
-        )
+    check_batch_split(cfg.training.batch_size, nproc, cfg.training.gradient_accumulation_steps, cfg.source or "config")
     notes = preflight(vol, cfg, resume=resume)
     if wandb and secret_lookup is not None:
         check_wandb_secret(secret_lookup)

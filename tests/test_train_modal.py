@@ -322,7 +322,7 @@ def test_entrypoint_wandb_needs_the_secret(project, monkeypatch, capsys):
         ("--config-path missing.yaml", "missing.yaml not found"),
         ("--config-path tiny.yaml --gpu V100", "unknown --gpu 'V100'"),
         ("--config-path tiny.yaml --overrides training.bach_size=8", "did you mean training.batch_size"),
-        ("--config-path tiny.yaml --gpu H100:8", "not divisible by 8 GPU(s)"),
+        ("--config-path tiny.yaml --gpu H100:8", "divisible by 8 process(es)"),
     ],
 )
 def test_entrypoint_stops_before_any_gpu_on_bad_input(project, monkeypatch, capsys, argv, expected):
