@@ -72,16 +72,28 @@ def _ensure_writable_dir(path: str | Path, flag: str) -> None:
 
 
 def _load_existing(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer in --tokenizer-dir: our pickles, or one trained elsewhere (tokenizer.json, or GPT-2's
+    vocab.json + merges.txt), which is imported, i.e. saved beside it as vocab.pkl + merges.pkl so training,
+    generation and the .bin metadata's tokenizer hash all use the same files."""
+    from cs336_basics.common import UserError
+    from cs336_basics.hf_tokenizer import foreign_tokenizer_files
+
     folder = Path(args.tokenizer_dir)
+    foreign = None
+    if not (folder / VOCAB_FILE).exists() and not (folder / MERGES_FILE).exists():
+        foreign = foreign_tokenizer_files(folder)
     for name in (VOCAB_FILE, MERGES_FILE):
-        if not (folder / name).is_file():
+        if foreign is None and not (folder / name).is_file():
             raise DataError(
-                f"--use-existing-tokenizer: {folder / name} not found; create it by running without "
+                f"--use-existing-tokenizer: {folder / name} not found (nor a tokenizer.json, nor vocab.json + "
+                f"merges.txt, to import); create it by running without "
                 f"--use-existing-tokenizer: uv run python prepare_data.py --train-path {args.train_path} "
                 f"--vocab-size {args.vocab_size} --tokenizer-dir {args.tokenizer_dir}"
             )
     try:
         tok = load_tokenizer(folder, args.special_tokens)
+    except UserError:  # damaged, unsafe or foreign-but-incompatible files: the message names the file
+        raise
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"cannot load the tokenizer in {folder}: {e}") from None
     if tok.vocab_size != args.vocab_size:
@@ -89,9 +101,21 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
             f"the tokenizer in {folder} has vocab size {tok.vocab_size} but --vocab-size is {args.vocab_size}; "
             f"pass --vocab-size {tok.vocab_size} to use it, or drop --use-existing-tokenizer to train a new one"
         )
+    if foreign is not None:
+        try:
+            tok.save(folder)
+        except OSError as e:
+            raise DataError(
+                f"cannot save the imported tokenizer as {folder / VOCAB_FILE}: {e.strerror or e}; import it into a "
+                f"writable folder with: uv run python -m cs336_basics.export import-tokenizer {foreign[0]} "
+                f"--out DIR, then pass --tokenizer-dir DIR"
+            ) from None
     print(RULE)
     print("Loading Existing Tokenizer")
     print(RULE)
+    if foreign is not None:
+        names = " + ".join(f.name for f in foreign)
+        print(f"✓ Imported {names} from {_dir_label(folder)} (saved as {VOCAB_FILE} + {MERGES_FILE} beside it)")
     print(f"✓ Loaded tokenizer from {_dir_label(folder)}")
     print(f"  Vocabulary size: {tok.vocab_size}")
     print(f"  Number of merges: {len(tok.merges)}")
