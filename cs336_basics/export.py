@@ -24,15 +24,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_cli
 from cs336_basics.config import ModelConfig
 from cs336_basics.fileio import _host, _pid_alive, temp_path
 
+if TYPE_CHECKING:  # torch is imported only by the model export, so tokenizer commands start fast
+    import torch
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Ablation switch -> (the Llama value, why another value is not a Llama).
 _LLAMA_SWITCHES = {
@@ -72,8 +75,10 @@ def interleaved_to_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                     dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Our state_dict under Llama's names (q/k rows reordered for rotate-half RoPE), contiguous, in ``dtype``."""
+    import torch
+
     h = config.num_heads
     out = {"model.embed_tokens.weight": state["token_embeddings.weight"],
            "model.norm.weight": state["ln_final.weight"],
@@ -89,7 +94,7 @@ def llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
         out[theirs + "mlp.down_proj.weight"] = state[ours + "ffn.w2.weight"]
         out[theirs + "input_layernorm.weight"] = state[ours + "ln1.weight"]
         out[theirs + "post_attention_layernorm.weight"] = state[ours + "ln2.weight"]
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
+    return {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in out.items()}
 
 
 def llama_config(config: ModelConfig, *, rms_norm_eps: float, eos_token_id: int | None = None,
@@ -192,6 +197,12 @@ def _check_space(out: Path, needed: int) -> None:
         raise disk_full_error(out, needed)
 
 
+def _chmod_like_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_text(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text, encoding="utf-8")
 
@@ -281,13 +292,14 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer_d
                               "was trained with")
         files = _tokenizer_outputs(tok, config.context_length, require_hf=True, log=log)
         eos = tok.eot_id
-    weights = llama_state_dict(model.state_dict(), config, DTYPES[dtype])
+    weights = llama_state_dict(model.state_dict(), config, dtype)
     del model
     size = sum(t.numel() * t.element_size() for t in weights.values())
     _check_space(Path(out), size)
     log(f"Writing {Path(out) / WEIGHTS_FILE} ({fmt_bytes(size)})...")
     with atomic_folder(out, overwrite) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _chmod_like_umask(tmp / WEIGHTS_FILE)  # safetensors creates it private (0600), unlike the other files
         _write_json(tmp, CONFIG_FILE, llama_config(config, rms_norm_eps=eps.pop(), eos_token_id=eos, dtype=dtype))
         _write_json(tmp, "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos})
         for name, text in files.items():
@@ -347,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--tokenizer-dir", default="tokenizer", help="the tokenizer the model was trained with "
                     "(default: tokenizer)")
     hf.add_argument("--out", required=True, help="folder to create (refused if it exists and is not empty)")
-    hf.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default: float32)")
+    hf.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default: float32)")
     hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     tok = sub.add_parser("tokenizer", help="a tokenizer as tokenizer.json (Hugging Face) and tokenizer.tiktoken")
     tok.add_argument("--tokenizer-dir", default="tokenizer", help="folder with vocab.pkl + merges.pkl")

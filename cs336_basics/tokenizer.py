@@ -140,7 +140,11 @@ class Tokenizer:
     def from_files(
         cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike, special_tokens: list[str] | None = None
     ) -> Tokenizer:
-        """Load our pickles (``vocab.pkl``, ``merges.pkl``) or GPT-2 files (``vocab.json``, ``merges.txt``)."""
+        """Load our pickles (``vocab.pkl``, ``merges.pkl``) or GPT-2 files (``vocab.json``, ``merges.txt``).
+
+        Pickles are read without running code: one that refers to any class or function is refused. A missing
+        file raises FileNotFoundError; a damaged, unsafe or unknown one TokenizerFileError (a ValueError), one line.
+        """
         return cls(_load_vocab(Path(vocab_path)), _load_merges(Path(merges_path)), special_tokens)
 
     def save(self, directory: str | os.PathLike) -> None:

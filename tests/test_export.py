@@ -114,6 +114,8 @@ def test_export_folder_and_config(exported, trained):
 
     from safetensors import safe_open
 
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # not private when the rest is readable
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
         keys = set(f.keys())
