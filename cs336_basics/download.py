@@ -228,8 +228,9 @@ def _place(source: Path, final: Path, move: bool, gunzip: bool, progress: bool) 
     """Put ``source`` at ``final`` atomically: decompressed, moved (our .part), or linked/copied (the HF cache)."""
     if gunzip:
         try:
+            bar = _bar(progress, source.stat().st_size, f"decompressing {source.name}")
             with open(source, "rb") as raw, gzip.GzipFile(fileobj=raw) as src, atomic_output(final) as tmp, \
-                    open(tmp, "wb") as out, _bar(progress, source.stat().st_size, f"decompressing {source.name}") as bar:
+                    open(tmp, "wb") as out, bar:
                 done = 0
                 while block := src.read(_BLOCK):
                     out.write(block)

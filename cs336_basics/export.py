@@ -1,6 +1,7 @@
 """Export a trained model to Hugging Face Llama format, export or import tokenizers.
 
-    uv run python -m cs336_basics.export hf --checkpoint checkpoints/checkpoint_final.pt --tokenizer-dir tokenizer --out exported/
+    uv run python -m cs336_basics.export hf --checkpoint checkpoints/checkpoint_final.pt \\
+        --tokenizer-dir tokenizer --out exported/
     uv run python -m cs336_basics.export tokenizer --tokenizer-dir tokenizer --out exported-tokenizer/
     uv run python -m cs336_basics.export import-tokenizer path/to/tokenizer.json --out tokenizer/
 

@@ -550,7 +550,7 @@ def _unpickle(path: Path, expected: str) -> object:
         raise
     except Exception as e:  # garbage and truncation raise many types: UnpicklingError, EOFError, ValueError, ...
         raise TokenizerFileError(
-            f"{path} is not a tokenizer pickle (damaged, truncated or another kind of file: "
+            f"cannot load the tokenizer: {path} is not a tokenizer pickle (damaged, truncated or another kind of file: "
             f"{type(e).__name__}: {one_line(e, 80)}); re-create it by running prepare_data.py without "
             "--use-existing-tokenizer, or import a tokenizer.json / vocab.json + merges.txt"
         ) from None
