@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,6 +200,34 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     if (directory / FINAL_CHECKPOINT).is_file():
         paths.append(directory / FINAL_CHECKPOINT)
     return paths
+
+
+def newest_checkpoint(directory: str | os.PathLike,
+                      on_damaged: Callable[[Path, CheckpointError], None] | None = None) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in ``directory`` and its contents, or None when there is none.
+
+    Newest is the highest iteration (``checkpoint_final.pt`` wins a tie). A damaged or unsafe file is skipped
+    after ``on_damaged(path, error)``, so a run killed while a disk filled up still resumes from the one before.
+    """
+    candidates = [(checkpoint_iteration(p), 0, p, None) for p in list_checkpoints(directory)
+                  if p.name != FINAL_CHECKPOINT]
+    final = Path(directory) / FINAL_CHECKPOINT
+    if final.is_file():
+        try:
+            ckpt = read_checkpoint(final)
+            candidates.append((int(ckpt["iteration"]), 1, final, ckpt))
+        except CheckpointError as exc:
+            if on_damaged is not None:
+                on_damaged(final, exc)
+    for _, _, path, ckpt in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        if ckpt is not None:
+            return path, ckpt
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as exc:
+            if on_damaged is not None:
+                on_damaged(path, exc)
+    return None
 
 
 def _name(src: Any) -> str:

@@ -101,3 +101,28 @@ def run_cli(main: Callable[[], object], *, quiet: bool = False,
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def fmt_duration(seconds: float) -> str:
+    """A readable duration: '42 s', '12 min 5 s', '3 h 04 min', '2 d 5 h'."""
+    s = max(0, int(round(seconds)))
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def fmt_si(n: float, unit: str = "") -> str:
+    """5.92e17 -> '592 P' + unit: three significant digits with an SI prefix (k, M, G, T, P, E)."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f} {prefix}{unit}"
+    return f"{n:.3g} {unit}".rstrip()

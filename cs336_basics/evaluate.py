@@ -16,7 +16,6 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the package, not sibling files, by absolute name
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cs336_basics.common import UserError, run_cli
+from cs336_basics.device import autocast_for
 from cs336_basics.generate import load_checkpoint_model, pick_device
 
 
@@ -59,7 +59,8 @@ def evaluate(
 
     Returns ``{"loss", "perplexity", "num_tokens"}`` where ``num_tokens`` counts scored targets
     (``len(tokens) - 1``). ``context_length`` defaults to the model's and may not exceed it.
-    Runs under bf16 autocast on CUDA; losses are accumulated in float64.
+    Runs under the project's precision rule (bf16 autocast on CUDA GPUs that support it, see
+    ``device.autocast_for``); losses are accumulated in float64.
     """
     from cs336_basics.nn_utils import cross_entropy
 
@@ -73,9 +74,7 @@ def evaluate(
         raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
     device = torch.device(device)
     vocab_size = model.vocab_size
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast, _ = autocast_for(device)
 
     was_training = model.training
     model.eval()
@@ -92,7 +91,7 @@ def evaluate(
             chunk = torch.from_numpy(chunk).to(device)
             inputs = chunk[:-1].view(rows, width)
             targets = chunk[1:].view(rows, width)
-            with autocast:
+            with autocast():
                 logits = model(inputs)
             mean = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             total_loss += mean.double() * targets.numel()

@@ -8,6 +8,7 @@ of another host (a previous Modal container, say) untouched for ``STALE_FOREIGN_
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cs336_basics.common import disk_full_error, is_disk_full
+from cs336_basics.common import UserError, disk_full_error, is_disk_full
 
 STALE_FOREIGN_S = 3600.0  # a live writer on another host touches its file far more often than this
 
@@ -69,6 +70,29 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         except OSError:
             continue
     return removed
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, before hours of work.
+
+    ``what`` names the setting in the error (e.g. "--output-dir" or "data.checkpoint_dir").
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(path / ".write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise UserError(f"{what} {path} is a file, not a folder: choose a folder path") from None
+    except OSError as exc:
+        if isinstance(exc, NotADirectoryError):
+            raise UserError(f"{what} {path}: a part of the path is a file, not a folder: choose another path") from None
+        if is_disk_full(exc):
+            raise disk_full_error(path / ".write-test") from None
+        reason = "read-only file system" if exc.errno == errno.EROFS else exc.strerror or str(exc)
+        raise UserError(f"{what} {path} is not a writable folder ({reason}): choose a folder you can write to") from None
+    return path
 
 
 def _ran_out_of_space(exc: BaseException | None) -> bool:

@@ -303,7 +303,7 @@ def run_training(
     if nproc == 1:
         try:
             result = train(cfg, wandb=wandb, run_name=run_name, resume=resume, on_checkpoint=lambda _: commit())
-        except (ConfigError, TrainingError) as exc:
+        except UserError as exc:
             commit()
             return {"error": str(exc)}
     else:
