@@ -253,7 +253,10 @@ def build_figure(run_dirs: Sequence[str | os.PathLike], x: str = "steps", log_y:
     if x != "time":
         ax.set_xlim(left=0)
 
-    run_legend = ax.legend(loc="upper left" if many else "upper right", fontsize=8, framealpha=0.9,
+    # one full-strength swatch per run (a train-only run's own line is faint), the styles explained apart
+    handles = [Line2D([], [], color=line.get_color(), lw=2.2, marker="o" if line.get_gid().startswith("val:") else None,
+                      ms=3.5, label=line.get_label()) for line in ax.lines if not line.get_label().startswith("_")]
+    run_legend = ax.legend(handles=handles, loc="upper left" if many else "upper right", fontsize=8, framealpha=0.9,
                            bbox_to_anchor=(1.01, 1.0) if many else None, title="run", title_fontsize=8)
     style = [Line2D([], [], color="0.3", lw=1.0, alpha=0.45, label="train"),
              Line2D([], [], color="0.3", lw=2.2, marker="o", ms=3.5, label="validation")]

@@ -79,9 +79,12 @@ def test_time_unit_follows_the_longest_run(tmp_path):
 
 def test_run_without_val_records_has_only_a_train_line(tmp_path):
     write_metrics(tmp_path / "a", val_every=None)
-    lines = lines_by_gid(build_figure([tmp_path / "a"]))
-    assert list(lines) == ["train:a"]
-    assert lines["train:a"].get_label() == "a"  # it carries the run's legend entry
+    fig = build_figure([tmp_path / "a"])
+    assert list(lines_by_gid(fig)) == ["train:a"]
+    (run_legend,) = [a for a in fig.axes[0].artists if hasattr(a, "get_texts")]
+    assert [t.get_text() for t in run_legend.get_texts()] == ["a"]
+    (swatch,) = run_legend.get_lines()
+    assert swatch.get_linewidth() > lines_by_gid(fig)["train:a"].get_linewidth() and swatch.get_alpha() is None
 
 
 def test_legend_name_from_run_json(tmp_path):
