@@ -128,7 +128,7 @@ def load_curves(run_dir: str | os.PathLike) -> RunCurves:
                 target, key = {"train": (train, "loss"), "val": (val, "val_loss")}.get(kind, (None, None))
                 it = record.get("iteration") if target is not None else None
                 loss = _number(record.get(key)) if target is not None else None
-                if not isinstance(it, int) or isinstance(it, bool) or it < 0 or loss is None:
+                if not isinstance(it, int) or isinstance(it, bool) or not 0 <= it < 2**53 or loss is None:
                     skipped += 1
                     continue
                 target[it] = (_number(record.get("tokens")), _number(record.get("elapsed_s")), loss)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
 import os
 import sys
 import time
@@ -91,8 +92,8 @@ def read_text(path: str | os.PathLike, max_bytes: int) -> tuple[str, int, bool]:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            data = f.read(max_bytes)
+        with open(path, "rb") as f:  # read() allocates what it is asked for: never more than the file holds
+            data = f.read(min(max_bytes, size) if path.is_file() and size else max_bytes)
     except FileNotFoundError:
         raise UserError(f"--text {path}: file not found") from None
     except IsADirectoryError:
@@ -170,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        if not args.max_mb > 0:
-            raise UserError(f"--max-mb must be above 0, got {args.max_mb:g}")
+        if not 0 < args.max_mb < math.inf:
+            raise UserError(f"--max-mb must be a number above 0, got {args.max_mb:g}")
         if args.cores is not None and args.cores < 1:
             raise UserError(f"--cores must be at least 1, got {args.cores}")
         for directory in args.tokenizer_dir:  # every input is checked before the first long encode

@@ -120,12 +120,13 @@ def test_garbage_lines_are_skipped_and_counted(tmp_path):
     garbage = "\n".join(['{"type": "train", "iteration": "ten", "loss": 1}', '{"type": "train", "iteration": 5}',
                          '{"type": "train", "iteration": 7, "loss": "NaN"}', '{"type": "train", "iteration": -1, "loss": 1}',
                          '{"type": "train", "iteration": true, "loss": 1}', '[1, 2]', '{"type": "other", "x": 1}',
+                         '{"type": "train", "iteration": 1' + "0" * 400 + ', "loss": 1}', "\x00\ufffd binary",
                          "", '{"type": "val", "iteration": 5, "val_loss": Infinity}', '{"type": "tr'])
     write_metrics(tmp_path / "a", tail=garbage)
     curves = load_curves(tmp_path / "a")
     assert len(curves.train) == 10 and len(curves.val) == 2
-    assert curves.skipped_lines == 9  # every bad line but the empty one
-    assert "skipped 9 unreadable line(s)" in curves.notes[0]
+    assert curves.skipped_lines == 11  # every bad line but the empty one
+    assert "skipped 11 unreadable line(s)" in curves.notes[0]
 
 
 def test_repeated_iteration_keeps_the_last_record(tmp_path):

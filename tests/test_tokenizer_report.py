@@ -82,6 +82,13 @@ def test_text_is_cut_at_a_character_boundary(tmp_path, tokenizers):
     assert result.bytes == 1000 and result.truncated
 
 
+def test_a_huge_max_mb_reads_the_whole_file(tokenizers, capsys):
+    text = fixture_path("tinystories_sample.txt")
+    assert main(["--tokenizer-dir", str(tokenizers["tiny"]), "--text", str(text), "--max-mb", "1e12", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["bytes"] == text.stat().st_size and not result["truncated"]
+
+
 def test_gpt2_files_folder_is_accepted(tmp_path):
     shutil.copy(fixture_path("gpt2_vocab.json"), tmp_path / "vocab.json")
     shutil.copy(fixture_path("gpt2_merges.txt"), tmp_path / "merges.txt")
@@ -108,7 +115,9 @@ def _bad_inputs(root: Path, tokenizers: dict[str, Path]) -> list[tuple[list[str]
         ([*good_tok, "--text", str(root)], "is a folder"),
         ([*good_tok, "--text", str(root / "latin1.txt")], "is not UTF-8 text (invalid byte at offset 3)"),
         ([*good_tok, "--text", str(root / "empty.txt")], "is empty"),
-        ([*good_tok, *good_text, "--max-mb", "0"], "--max-mb must be above 0"),
+        ([*good_tok, *good_text, "--max-mb", "0"], "--max-mb must be a number above 0"),
+        ([*good_tok, *good_text, "--max-mb", "inf"], "--max-mb must be a number above 0"),
+        ([*good_tok, *good_text, "--max-mb", "nan"], "--max-mb must be a number above 0"),
         ([*good_tok, *good_text, "--max-mb", "0.0000001"], "reads less than one character"),
         ([*good_tok, *good_text, "--cores", "0"], "--cores must be at least 1"),
     ]
