@@ -168,6 +168,19 @@ def load_model(src: PathOrFile | dict, device: str | torch.device = "cpu") -> Tr
     return model.eval()
 
 
+def load_model_with_info(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TransformerLM, dict]:
+    """For generation and evaluation: the model (eval mode) and the checkpoint's other entries, ``config`` always a
+    dict (``tokenizer_sha256``, ``iteration``, ... when recorded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (download it first or pass --checkpoint PATH)")
+    ckpt = read_checkpoint(path)
+    info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    if not isinstance(info.get("config"), dict):
+        info["config"] = {}
+    return load_model(ckpt, device=device), info
+
+
 def _load_weights(model: torch.nn.Module, state_dict: dict[str, Any], name: str) -> None:
     """load_state_dict with torch's multi-line mismatch report turned into one line naming the file."""
     state_dict = strip_wrapper_prefixes(state_dict)

@@ -19,10 +19,11 @@ Exit codes tell callers (torchrun on Modal, the sweep runner, shell scripts) whe
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK = 0
@@ -103,26 +104,43 @@ def run_cli(main: Callable[[], object], *, quiet: bool = False,
     return EXIT_OK
 
 
-def fmt_duration(seconds: float) -> str:
-    """A readable duration: '42 s', '12 min 5 s', '3 h 04 min', '2 d 5 h'."""
-    s = max(0, int(round(seconds)))
-    days, rest = divmod(s, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs} s"
-    return f"{secs} s"
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds as the two largest units: 183_600 -> '2 d 3 h', 4_000 -> '1 h 6 min', 75 -> '1 min 15 s'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.1f} s"
+    total = int(round(seconds))
+    for big, big_unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if total >= big:
+            high, rest = divmod(total, big)
+            return f"{high} {big_unit} {rest // small} {small_unit}"
+    raise AssertionError("unreachable")
 
 
-def fmt_si(n: float, unit: str = "") -> str:
-    """5.92e17 -> '592 P' + unit: three significant digits with an SI prefix (k, M, G, T, P, E)."""
+def fmt_si(n: float | None, unit: str = "") -> str:
+    """Three significant digits with an SI prefix: 3.2768e8 -> '328M', (5.92e17, 'FLOP') -> '592 PFLOP'; None -> '-'."""
+    if n is None or not math.isfinite(n):
+        return "-"
     for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             value = n / scale
             digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
-            return f"{value:.{digits}f} {prefix}{unit}"
+            return f"{value:.{digits}f}{' ' if unit else ''}{prefix}{unit}"
     return f"{n:.3g} {unit}".rstrip()
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[bool] | None = None) -> str:
+    """Columns padded to their widest cell, a dashed rule under the headers; ``right[i]`` right-aligns column i."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    right = list(right) if right is not None else [False] * len(headers)
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])

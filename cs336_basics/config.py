@@ -156,6 +156,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass --config-path with an existing YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} at byte "
+                          f"{exc.start}): save it as UTF-8, or pass the YAML config with --config-path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a folder: pass a YAML file with --config-path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:

@@ -18,11 +18,12 @@ def check_device(device: torch.device) -> None:
     """Raise DeviceError for a device this machine does not have (instead of a deep CUDA traceback later)."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("CUDA is not available on this machine")
+            raise DeviceError("CUDA is not available on this machine (use the cpu, or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"only {torch.cuda.device_count()} CUDA device(s) exist on this machine")
+            raise DeviceError(f"only {torch.cuda.device_count()} CUDA device(s) exist on this machine: use cuda:0 "
+                              f"to cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("MPS is not available on this machine")
+        raise DeviceError("MPS is not available on this machine (use the cpu, or auto)")
 
 
 def pick_device(name: str = "auto", *, allow_mps: bool = True) -> torch.device:

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from cs336_basics.common import UserError, run_cli
-from cs336_basics.device import autocast_for
-from cs336_basics.generate import load_checkpoint_model, pick_device
+from cs336_basics.checkpoint import load_model_with_info
+from cs336_basics.device import autocast_for, pick_device
 
 
 def iter_windows(num_tokens: int, context_length: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise UserError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         device = pick_device(args.device)
-        model, _ = load_checkpoint_model(args.checkpoint, device)
+        model, _ = load_model_with_info(args.checkpoint, device)
         if args.context_length is not None and not 1 <= args.context_length <= model.context_length:
             raise UserError(f"--context-length must be in [1, {model.context_length}] for this model, got {args.context_length}")
         tokens = load_checked_tokens(args.data, model.vocab_size)

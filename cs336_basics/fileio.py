@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cs336_basics.common import UserError, disk_full_error, is_disk_full
+from cs336_basics.common import DiskFullError, UserError, disk_full_error, is_disk_full
 
 STALE_FOREIGN_S = 3600.0  # a live writer on another host touches its file far more often than this
 
@@ -65,7 +66,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             else:
                 stale = now - tmp.stat().st_mtime > STALE_FOREIGN_S
             if stale:
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
                 removed.append(tmp)
         except OSError:
             continue
@@ -128,3 +129,48 @@ def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iter
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+STAGE_NAME = "staged-outputs"
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+@contextmanager
+def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
+    """Write several outputs, then put them all in place together: all new files, or all old ones.
+
+    ``stage(folder)`` returns a hidden folder beside ``folder``'s contents to write into; when the block succeeds,
+    every file written there replaces the file of the same name in ``folder`` (renames only, after everything is
+    complete). When the block fails or is interrupted nothing in ``folder`` changes, and the hidden folders are
+    removed (a killed writer's are removed by the next run, like any stale temporary).
+    """
+    stages: dict[Path, Path] = {}
+
+    def stage(folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        if folder not in stages:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(folder / STAGE_NAME)
+            stages[folder] = temp_path(folder / STAGE_NAME)
+            stages[folder].mkdir()
+        return stages[folder]
+
+    try:
+        yield stage
+        for folder, staged in stages.items():
+            for item in sorted(staged.iterdir()):
+                os.replace(item, folder / item.name)
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or _ran_out_of_space(exc):
+            fullest = min(stages, key=_free_bytes, default=Path("."))
+            raise disk_full_error(fullest / "the new outputs") from None
+        raise
+    finally:
+        for staged in stages.values():
+            shutil.rmtree(staged, ignore_errors=True)

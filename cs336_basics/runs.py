@@ -28,7 +28,7 @@ from typing import Any
 
 from cs336_basics.common import UserError, one_line, run_cli
 from cs336_basics.fileio import atomic_output
-from cs336_basics.tables import fmt_count, fmt_duration, fmt_loss, format_table
+from cs336_basics.common import fmt_duration, fmt_loss, fmt_si, format_table
 
 RUN_FILE = "run.json"
 STATUSES = ("running", "finished", "diverged", "out_of_time", "interrupted", "failed")
@@ -264,7 +264,7 @@ def runs_table(runs: Sequence[tuple[Path, RunRecord]]) -> str:
         if r.world_size > 1:
             where += f" x{r.world_size}"
         started = r.started_at.replace("T", " ")[:16] if r.started_at else "-"
-        rows.append([r.name, r.status, f"{r.iterations:,}", fmt_count(r.tokens_seen), fmt_loss(r.best_val_loss),
+        rows.append([r.name, r.status, f"{r.iterations:,}", fmt_si(r.tokens_seen), fmt_loss(r.best_val_loss),
                      fmt_loss(r.final_val_loss), fmt_duration(r.elapsed_s), where, started])
     headers = ["name", "status", "iters", "tokens", "best val", "final val", "elapsed", "device", "started (UTC)"]
     return format_table(headers, rows, right=[False, False, True, True, True, True, True, False, False])

@@ -38,7 +38,7 @@ from cs336_basics.common import DivergedError, UserError, one_line
 from cs336_basics.fileio import atomic_output
 from cs336_basics.runs import FINAL_STATUSES, RUN_FILE, RunRecord, RunRecordError, read_run_record, to_json, utc_now, \
     write_run_record
-from cs336_basics.tables import fmt_count, fmt_duration, fmt_loss, format_table
+from cs336_basics.common import fmt_duration, fmt_loss, fmt_si, format_table
 
 SWEEP_JSON, SWEEP_CSV, CURVES = "sweep.json", "sweep.csv", "curves.png"
 SKIP_STATUSES = ("finished", "diverged")  # re-running these configs cannot change the outcome
@@ -364,7 +364,7 @@ def sweep_table(rows: Sequence[dict[str, Any]], axes: Axes) -> str:
     short = _short_keys([k for k, _ in axes])
     headers = ["", *(short[k] for k, _ in axes), "status", "final val", "best val", "tokens", "time"]
     body = [["*" if r is best else "", *(r["values"].get(k, "") for k, _ in axes), r["status"],
-             fmt_loss(r["final_val_loss"]), fmt_loss(r["best_val_loss"]), fmt_count(r["tokens_seen"]),
+             fmt_loss(r["final_val_loss"]), fmt_loss(r["best_val_loss"]), fmt_si(r["tokens_seen"]),
              fmt_duration(r["elapsed_s"])] for r in rows]
     right = [False] * (1 + len(axes)) + [False, True, True, True, True]
     lines = [format_table(headers, body, right)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cs336_basics.common import UserError, one_line, run_cli
-from cs336_basics.tables import fmt_duration, format_table
+from cs336_basics.common import fmt_duration, format_table
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
 PILE_BYTES = 825e9

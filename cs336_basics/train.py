@@ -55,6 +55,7 @@ from cs336_basics.fileio import atomic_output, ensure_writable_dir
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_gradients, cross_entropy
 from cs336_basics.optimizer import AdamW, get_lr_budget_schedule, get_lr_cosine_schedule
+from cs336_basics.runs import RUN_FILE, RunRecord, write_run_record
 
 EVAL_SEED = 1234  # validation batches do not depend on training.seed, so runs with different seeds compare
 METRICS_FILE = "metrics.jsonl"
@@ -514,6 +515,7 @@ def save(run: Run, log: Logger, name: str, on_checkpoint: Callable[[Path], None]
         log.warn(f"{error[0]}; training goes on and the next checkpoint tries again")
         return
     run.last_good = path
+    log.checkpointed(run)
     if info.is_main and on_checkpoint is not None:
         on_checkpoint(path)
     if info.enabled:
@@ -592,11 +594,18 @@ class Logger:
     Each record is written once, here; the loop only says what happened.
     """
 
-    def __init__(self, run: Run, wandb_run=None, resumed: bool = False):
+    def __init__(self, run: Run, wandb_run=None, run_name: str | None = None, resumed: bool = False):
         self.main = run.info.is_main
         t = run.cfg.training
         self.metrics = MetricsLog(run.ckpt_dir / METRICS_FILE, self.main, run.state.iteration if resumed else None)
         self.wandb = wandb_run
+        self.record = None
+        if self.main:  # run.json: what ran, where, and (when it ends) how it ended
+            gpu = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None
+            self.record = RunRecord.start(run_name or run.ckpt_dir.resolve().name, config_to_dict(run.cfg),
+                                          checkpoint_dir=run.ckpt_dir, device=str(run.device), gpu=gpu,
+                                          world_size=run.info.world_size)
+            self._write_record(run)
         self.flops_per_token = run.model.flops_per_token()
         self.bar = tqdm(total=t.max_iters, initial=run.state.iteration, unit="it", dynamic_ncols=True,
                         disable=None if self.main else True)
@@ -659,10 +668,30 @@ class Logger:
                   f"{run.device}: for a first run here try --preset cpu (40M tokens), training.max_iters={one_hour} "
                   "(about 1 h), or a budget such as training.max_time=1h")
 
-    def close(self, ok: bool) -> None:
+    def checkpointed(self, run: Run) -> None:
+        """Refresh run.json's numbers, so the listing stays current (and a run killed with -9 shows its progress)."""
+        if self.record is not None:
+            self._write_record(run)
+
+    def _write_record(self, run: Run) -> None:
+        s = run.state
+        for key, value in (("iterations", s.iteration), ("tokens_seen", s.iteration * run.tokens_per_iter),
+                           ("elapsed_s", s.elapsed_s), ("final_val_loss", s.val_loss),
+                           ("best_val_loss", s.best_val_loss), ("final_train_loss", s.train_loss)):
+            setattr(self.record, key, value)
+        try:
+            write_run_record(run.ckpt_dir, self.record)
+        except (UserError, OSError) as exc:  # the log of a run must not stop the run
+            self.warn(f"could not write {run.ckpt_dir / RUN_FILE}: {one_line(exc, 200)}")
+
+    def close(self, run: Run, status: str, error: BaseException | None = None) -> None:
+        """End the progress bar, W&B (exit code 0 only when the run finished) and run.json with ``status``."""
         self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish(exit_code=0 if ok else 1)
+            self.wandb.finish(exit_code=0 if status in ("finished", "out_of_time") else 1)
+        if self.record is not None:
+            self.record.finish(status, error=error)
+            self._write_record(run)
 
 
 def banner(run: Run) -> list[str]:
@@ -794,31 +823,41 @@ def _run(cfg, info, use_wandb, run_name, resume, init_from, on_checkpoint) -> di
     wb = start_wandb(run, run_name) if use_wandb and info.is_main else None
     if wb is not None:
         say(f"W&B: run {wb.name} ({wb.id}) in project {cfg.wandb.project}")
-    log = Logger(run, wb, resumed=run.last_good is not None)
-    status = "failed"
+    log = Logger(run, wb, run_name, resumed=run.last_good is not None)
+    status, error = "failed", None
     try:
         status = fit(run, log, on_checkpoint)
         s = run.state
         if info.is_main:  # the other ranks hold no validation loss
             say(f"Done ({status.replace('_', ' ')}): {s.iteration:,} iterations in {fmt_duration(s.elapsed_s)}; "
                 f"final val loss {s.val_loss:.4f}; saved {run.last_good}")
+    except DivergedError as exc:
+        status, error = "diverged", exc
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     except torch.cuda.OutOfMemoryError:
         t, m = cfg.training, cfg.model
-        raise TrainingError(
+        error = TrainingError(
             f"CUDA out of memory ({run.micro_batch} sequences x {m.context_length} tokens per micro-batch on "
             f"{run.device}): reduce training.batch_size (e.g. training.batch_size={max(1, t.batch_size // 2)}) or raise "
             "training.gradient_accumulation_steps, reduce model.d_model / model.num_layers (e.g. model.d_model=256 "
             "model.num_layers=4), or use a larger GPU (e.g. `--gpu A100` on Modal)"
-        ) from None
+        )
+        raise error from None
+    except BaseException as exc:
+        error = exc if isinstance(exc, UserError) else f"crash: {type(exc).__name__}: {exc}"
+        raise
     finally:
-        log.close(ok=status != "failed")
+        log.close(run, status, error)
     return summary(run, status)
 
 
 def summary(run: Run, status: str) -> dict:
     """What a finished run reports to its caller (the CLI, a sweep, Modal)."""
     s = run.state
-    return {"status": status, "iteration": s.iteration, "tokens_seen": s.iteration * run.tokens_per_iter,
+    return {"status": status, "iterations": s.iteration, "tokens_seen": s.iteration * run.tokens_per_iter,
             "elapsed_s": s.elapsed_s, "final_train_loss": s.train_loss, "final_val_loss": s.val_loss,
             "best_val_loss": s.best_val_loss, "checkpoint": str(run.last_good) if run.last_good else None}
 
@@ -854,6 +893,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-name", default=None, help="W&B run name")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in data.checkpoint_dir")
     parser.add_argument("--init-from", metavar="PATH", default=None, help="start from a checkpoint's weights (fine-tune)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="train every combination of the given values, one run after another (repeatable), "
+                             "e.g. --sweep training.max_lr=1e-4,3e-4,1e-3")
+    parser.add_argument("--sweep-name", default=None, help="the sweep's folder under data.checkpoint_dir and its "
+                        "W&B group (default: sweep-<keys>-<UTC time>); the same name again resumes the sweep")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.max_iters=5000")
     return parser
 
@@ -877,11 +921,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
+        if args.sweep or args.sweep_name:
+            sweep(args)
+            return
         cfg = load_config(config_path_for(args), args.overrides)
         train(cfg, wandb=args.wandb, run_name=args.run_name, resume=args.resume, init_from=args.init_from)
 
     return run_cli(run, quiet=not dist_info_from_env().is_main,
                    interrupted="interrupted: continue from the last checkpoint with --resume")
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """``--sweep``: every grid point as its own run (folder, run.json, metrics.jsonl, W&B run in one group), in turn."""
+    from cs336_basics.sweep import parse_sweep, run_sweep
+
+    if not args.sweep:
+        raise UserError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
+    if args.init_from or args.run_name or dist_info_from_env().enabled:
+        raise UserError("--sweep runs its own runs: drop --init-from / --run-name, and run it without torchrun")
+    path = config_path_for(args)
+    axes = parse_sweep(args.sweep, args.overrides)
+    base = load_config(path, args.overrides)
+    name = args.sweep_name or f"sweep-{'-'.join(k.split('.')[-1] for k, _ in axes)}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    out_dir = Path(base.data.checkpoint_dir) / name
+
+    def point_config(overrides: list[str], run_dir: Path | None = None) -> Config:
+        extra = [f"data.checkpoint_dir={run_dir}"] if run_dir is not None else []
+        group = [] if base.wandb.group else [f"wandb.group={name}"]
+        return load_config(path, [*args.overrides, *overrides, *extra, *group])
+
+    def run_one(overrides: list[str], run_name: str, run_dir: Path) -> dict:
+        return train(point_config(overrides, run_dir), wandb=args.wandb, run_name=run_name, resume=True)
+
+    return run_sweep(axes, run_one, out_dir, name=name, validate=point_config)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from cs336_basics.common import EXIT_USER_ERROR, UserError
 from cs336_basics.runs import RunRecord, RunRecordError, find_runs, git_state, main, read_run_record, write_run_record
-from cs336_basics.tables import fmt_count, fmt_duration, format_table
+from cs336_basics.common import fmt_duration, fmt_si, format_table
 
 
 def record(name: str = "r1", started: str = "2026-01-02T03:04:05+00:00", **kw) -> RunRecord:
@@ -139,7 +139,7 @@ def test_cli_table(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["name", "status", "iters", "tokens"]
-    assert out[2].split()[:6] == ["lr3e-4", "finished", "10,000", "327.7M", "1.4321", "1.4400"]
+    assert out[2].split()[:6] == ["lr3e-4", "finished", "10,000", "328M", "1.4321", "1.4400"]
     assert "1 h 30 min" in out[2] and "cuda:0 (H100)" in out[2] and "2026-01-02 03:04" in out[2]
     assert out[3].split()[:3] == ["lr1e-2", "diverged", "300"]
 
@@ -179,5 +179,6 @@ def test_formatting_helpers():
     assert fmt_duration(75) == "1 min 15 s"
     assert fmt_duration(5.25) == "5.2 s" or fmt_duration(5.25) == "5.3 s"
     assert fmt_duration(None) == "-" and fmt_duration(math.inf) == "-"
-    assert fmt_count(327_680_000) == "327.7M" and fmt_count(999) == "999" and fmt_count(None) == "-"
+    assert fmt_si(327_680_000) == "328M" and fmt_si(999) == "999" and fmt_si(None) == "-"
+    assert fmt_si(5.92e17, "FLOP") == "592 PFLOP" and fmt_si(1_234_567) == "1.23M"
     assert format_table(["a", "bb"], [["xyz", 1]], right=[False, True]).splitlines() == ["a    bb", "---  --", "xyz   1"]

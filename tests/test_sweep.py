@@ -142,11 +142,11 @@ def test_two_runs_one_diverges(tmp_path, capsys):
 
     out = capsys.readouterr().out
     table = out[out.rindex("status") :]  # the final table, after the per-run lines
-    assert re.search(r"\*\s+1e-3\s+finished\s+1\.4500\s+1\.4500\s+6\.4K\s+10\.0 s", out)
+    assert re.search(r"\*\s+1e-3\s+finished\s+1\.4500\s+1\.4500\s+6\.40k\s+10\.0 s", out)
     # the diverged row shows how far it got, from its metrics.jsonl (one val record, at iteration 50)
     assert rows[1]["iterations"] == 60 and rows[1]["tokens_seen"] == 60 * 64 and rows[1]["elapsed_s"] == 6.0
     assert rows[1]["best_val_loss"] == rows[1]["final_val_loss"] == pytest.approx(9 + 31 * 50 / 60 + 0.05)
-    assert re.search(r"\n\s+1e-1\s+diverged\s+34\.8833\s+34\.8833\s+3\.8K\s+6\.0 s", out)
+    assert re.search(r"\n\s+1e-1\s+diverged\s+34\.8833\s+34\.8833\s+3.84k\s+6\.0 s", out)
     assert "* best: max_lr=1e-3 (best val loss 1.4500)" in out
     assert "\n  max_lr=1e-1: diverged: training loss became nan" in table
 
