@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cs336_basics.common import disk_full_error, is_disk_full, run_cli
 from cs336_basics.data import DataError, tokenizer_sha256
-from cs336_basics.fileio import ensure_writable_dir, staged_outputs
+from cs336_basics.fileio import prepare_output_dir, staged_outputs
 from cs336_basics.tokenize_data import check_text_file, tokenize_file
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> None:
     check_text_file(args.train_path)
     if args.val_path:
         check_text_file(args.val_path)
-    ensure_writable_dir(args.output_dir, "--output-dir")
+    prepare_output_dir(args.output_dir, "--output-dir")
     if not args.use_existing_tokenizer:
-        ensure_writable_dir(args.tokenizer_dir, "--tokenizer-dir")
+        prepare_output_dir(args.tokenizer_dir, "--tokenizer-dir")
 
     # Every output is written to a hidden folder first and put in place when all are complete, so an interrupted
     # run never leaves a new tokenizer beside .bin files made with the old one.

@@ -2,8 +2,9 @@
 
 A writer fills a hidden temporary file beside the target, ``.NAME.HOST.PID.tmp``, and renames it over the target
 when complete. A writer killed midway (SIGKILL, power loss) cannot remove its temporary file, so the next writer of
-the same target removes the stale ones first: those of a process on this host that no longer exists, and those
-of another host (a previous Modal container, say) untouched for ``STALE_FOREIGN_S``.
+the same target, and every command preparing its output folder, removes the stale ones: those of a process on this
+host that no longer exists, and those of another host (a previous Modal container, say) untouched for
+``STALE_FOREIGN_S``.
 """
 
 from __future__ import annotations
@@ -42,24 +43,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete temporary files of ``path`` left by writers that died; return what was removed."""
+def remove_stale_temporaries(path: str | os.PathLike, *, whole_folder: bool = False) -> list[Path]:
+    """Delete temporary files of ``path`` (or, with ``whole_folder``, of anything in the folder ``path``) left by
+    writers that died; return what was removed."""
     path = Path(path)
-    prefix = f".{path.name}."
+    folder, prefix = (path, ".") if whole_folder else (path.parent, f".{path.name}.")
     removed = []
     try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+        candidates = [p for p in folder.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
     except OSError:
         return removed
     host, now = _host(), time.time()
     for tmp in candidates:
-        parts = tmp.name[len(prefix) : -len(".tmp")].rsplit(".", 1)
-        if len(parts) == 2 and parts[1].isdigit():
-            owner, pid = parts[0], int(parts[1])
-        elif parts[-1].isdigit():  # the older .NAME.PID.tmp form
-            owner, pid = host, int(parts[-1])
-        else:
+        parts = tmp.name[: -len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or not parts[2].isdigit():
             continue
+        owner, pid = parts[1], int(parts[2])
         try:
             if owner == host:
                 stale = pid != os.getpid() and not _pid_alive(pid)
@@ -73,8 +72,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create ``path`` if needed and prove a file can be written there, before hours of work.
+def prepare_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed, prove a file can be written there (before hours of work), and remove the
+    temporary files that killed writers left in it.
 
     ``what`` names the setting in the error (e.g. "--output-dir" or "data.checkpoint_dir").
     """
@@ -93,6 +93,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
             raise disk_full_error(path / ".write-test") from None
         reason = "read-only file system" if exc.errno == errno.EROFS else exc.strerror or str(exc)
         raise UserError(f"{what} {path} is not a writable folder ({reason}): choose a folder you can write to") from None
+    remove_stale_temporaries(path, whole_folder=True)
     return path
 
 

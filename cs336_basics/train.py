@@ -51,7 +51,7 @@ from cs336_basics.config import Config, check_batch_split, config_to_dict, load_
 from cs336_basics.data import (DataError, check_same_tokenizer, check_token_file, get_batch, load_tokens,
                                read_metadata, sampled_max_token, tokenizer_sha256)
 from cs336_basics.device import DeviceError, autocast_for, pick_device
-from cs336_basics.fileio import atomic_output, ensure_writable_dir
+from cs336_basics.fileio import atomic_output, prepare_output_dir
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_gradients, cross_entropy
 from cs336_basics.optimizer import AdamW, get_lr_budget_schedule, get_lr_cosine_schedule
@@ -63,6 +63,9 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DIVERGENCE_FACTOR = 1.5  # a logged loss above this multiple of the first one ends the run as diverged
 LONG_RUN_S = 24 * 3600  # a run that would take longer than this at the measured speed gets one warning
 MANY_EPOCHS = 10.0  # a schedule with more passes over the training data than this gets a warning
+BUDGET_MARGIN = 1.25  # the time kept for the last step, final evaluation and checkpoint: 25% over the longest seen
+SAVE_BYTES_PER_S = 100e6  # a checkpoint's write speed assumed under a time budget until one has been timed,
+SAVE_MIN_S = 1.0  # plus this (fsync, a network volume): weights and two Adam moments at float32
 PREPARE_HINT = (
     "uv run python prepare_data.py --train-path data/TinyStoriesV2-GPT4-train.txt "
     "--val-path data/TinyStoriesV2-GPT4-valid.txt --vocab-size {vocab} --output-dir {data_dir}"
@@ -301,7 +304,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
     micro_batch = check_batch_split(t.batch_size, info.world_size, t.gradient_accumulation_steps, cfg.source or "config")
     if info.is_main:
-        ensure_writable_dir(cfg.data.checkpoint_dir, "data.checkpoint_dir")
+        prepare_output_dir(cfg.data.checkpoint_dir, "data.checkpoint_dir")
     train_data, val_data, tok_hash = open_datasets(cfg)
     torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = TransformerLM(m, device=device)
@@ -394,11 +397,12 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
     and checkpoint). A diverged run raises DivergedError.
     """
     t, s = run.cfg.training, run.state
-    clock = Clock(t.max_time_s, s.elapsed_s)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    clock = Clock(t.max_time_s, s.elapsed_s, save_estimate_s=SAVE_MIN_S + 3 * 4 * n_params / SAVE_BYTES_PER_S)
     model = run.step_model
     model.train()
-    if s.iteration == t.max_iters:  # resumed a finished run: nothing to train, still report and save
-        evaluate(run, log, clock)
+    if s.iteration == t.max_iters or clock.budget_s is not None:
+        evaluate(run, log, clock)  # a finished run still reports; a budget needs to know how long evaluating takes
     while s.iteration < t.max_iters and not clock.out_of_time():
         it = s.iteration
         if clock.budget_s is None:
@@ -428,6 +432,7 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
             save(run, log, f"checkpoint_iter_{done}.pt", on_checkpoint, clock)
     s.elapsed_s = clock.elapsed()
     save(run, log, FINAL_CHECKPOINT, on_checkpoint, clock, final=True)
+    s.elapsed_s = clock.elapsed()  # run.json's time includes the final checkpoint
     return "finished" if s.iteration == t.max_iters else "out_of_time"
 
 
@@ -527,13 +532,15 @@ def save(run: Run, log: Logger, name: str, on_checkpoint: Callable[[Path], None]
 class Clock:
     """Time in the training loop (plus earlier attempts), and the time budget ``training.max_time``.
 
-    The run stops when the time left would not cover one more step, a final evaluation and the final checkpoint,
-    each as long as the longest seen so far; the learning rate's decay follows the fraction of the budget used.
+    The run stops when the time left would not cover one more step, a final evaluation and the final checkpoint
+    (the latest step, the longest evaluation and checkpoint so far, plus a margin; under a budget ``fit`` evaluates
+    once before the first step to time it, and a checkpoint's time is estimated from its size until one is
+    written); the learning rate's decay follows the fraction of the budget used.
     """
 
-    def __init__(self, budget_s: float | None, elapsed_before: float):
+    def __init__(self, budget_s: float | None, elapsed_before: float, save_estimate_s: float = 0.0):
         self.budget_s, self.before, self.t0 = budget_s, elapsed_before, time.time()
-        self.longest = {"eval": 0.0, "save": 0.0}
+        self.longest = {"eval": 0.0, "save": save_estimate_s}
         self.last_step = 0.0  # the latest, not the longest: the first step includes compiling and warm-up
         self._last = self.t0
 
@@ -548,7 +555,7 @@ class Clock:
         self._last = time.time()  # evaluations and checkpoints are not step time
 
     def reserve(self) -> float:
-        return self.last_step + self.longest["eval"] + self.longest["save"]
+        return BUDGET_MARGIN * (self.last_step + self.longest["eval"] + self.longest["save"])
 
     def out_of_time(self) -> bool:
         if self.budget_s is None:
@@ -557,7 +564,7 @@ class Clock:
 
     def fraction(self) -> float:
         """Share of the usable budget spent (1.0 when the final evaluation and checkpoint must start)."""
-        usable = max(self.budget_s - self.longest["eval"] - self.longest["save"], 1e-9)
+        usable = max(self.budget_s - BUDGET_MARGIN * (self.longest["eval"] + self.longest["save"]), 1e-9)
         return (self.before + time.time() - self.t0) / usable
 
 
