@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -103,7 +104,9 @@ def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise CheckpointError(f"checkpoint not found: {name}")
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in files that are not checkpoints
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file: pickle, zip, RuntimeError, ValueError, ...
         if "Unsupported global" in str(e):  # weights_only met a class or function reference
             raise CheckpointError(

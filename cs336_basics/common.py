@@ -49,6 +49,10 @@ class DivergedError(UserError):
 class DiskFullError(UserError):
     """No space left where an output is written; the message names the folder and the space needed."""
 
+    def __init__(self, message: str, path: Path | None = None, needed_bytes: int | None = None):
+        super().__init__(message)
+        self.path, self.needed_bytes = path, needed_bytes
+
 
 def one_line(text: str, limit: int = 500) -> str:
     """Collapse a (possibly multi-line) message into one line of at most ``limit`` characters."""
@@ -79,7 +83,7 @@ def disk_full_error(path: str | os.PathLike, needed_bytes: int | None = None) ->
         free = "free space unknown"
     need = f"about {fmt_bytes(needed_bytes)} needed, " if needed_bytes else ""
     return DiskFullError(f"no space left in {folder}/ to write {Path(path).name} ({need}{free}): "
-                         "free some space there or choose another output folder")
+                         "free some space there or choose another output folder", Path(path), needed_bytes)
 
 
 def run_cli(main: Callable[[], object], *, quiet: bool = False,

@@ -135,6 +135,15 @@ def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iter
 STAGE_NAME = "staged-outputs"
 
 
+def _failed_path(exc: BaseException | None) -> Path | None:
+    """The file named by the first OSError in ``exc``'s chain."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.filename:
+            return Path(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _free_bytes(folder: Path) -> int:
     try:
         return shutil.disk_usage(folder).free
@@ -169,8 +178,12 @@ def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
                 os.replace(item, folder / item.name)
     except Exception as exc:
         if isinstance(exc, DiskFullError) or _ran_out_of_space(exc):
-            fullest = min(stages, key=_free_bytes, default=Path("."))
-            raise disk_full_error(fullest / "the new outputs") from None
+            written = exc.path if isinstance(exc, DiskFullError) else _failed_path(exc)
+            folder = next((f for f, staged in stages.items() if written and written.parent == staged), None)
+            if folder is None:  # name the folder the write went to; if unknown, the one with the least space
+                folder = min(stages, key=_free_bytes, default=Path("."))
+            name = written.name if written else "the new outputs"
+            raise disk_full_error(folder / name, getattr(exc, "needed_bytes", None)) from None
         raise
     finally:
         for staged in stages.values():
