@@ -110,32 +110,23 @@ def evaluate(
 
 
 def load_checked_tokens(path: str | Path, model_vocab_size: int) -> np.ndarray:
-    """The token stream in ``path``; UserError when missing, unreadable or made with another vocab."""
-    from cs336_basics.data import load_tokens
-    from cs336_basics.data import read_metadata
+    """The token stream in ``path`` after the shared checks (data.check_token_file); UserError otherwise."""
+    from cs336_basics.data import DataError, check_token_file, load_tokens, read_metadata
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)")
+        raise DataError(f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)")
     try:
         meta = read_metadata(path)
     except FileNotFoundError:
-        meta = {}  # a bare .bin: token ids are still range-checked while evaluating
+        meta = None  # a bare .bin: token ids are still range-checked while evaluating
     except ValueError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        tokens = load_tokens(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not read tokens from {path}: {exc}") from None
-    data_vocab = meta.get("vocab_size")
-    if data_vocab is not None and int(data_vocab) != model_vocab_size:
-        raise UserError(
-            f"{path} was tokenized with vocab_size {data_vocab} but the model's vocab_size is {model_vocab_size}; "
-            "evaluate with data tokenized by the model's tokenizer"
-        )
-    if len(tokens) < 2:
-        raise UserError(f"{path} holds {len(tokens)} token(s); at least 2 are needed to evaluate")
-    return tokens
+        raise DataError(str(exc)) from None
+    check_token_file(str(path), meta, path.stat().st_size, vocab_size=model_vocab_size, min_tokens=2,
+                     config_hint="", redo="uv run python prepare_data.py --use-existing-tokenizer ...",
+                     vocab_fix="evaluate with data tokenized by the model's tokenizer", too_short="to evaluate",
+                     what="the model's vocab_size")
+    return load_tokens(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

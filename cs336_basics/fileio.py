@@ -126,6 +126,7 @@ def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iter
         os.replace(tmp, path)
     except Exception as exc:
         if _ran_out_of_space(exc):
+            tmp.unlink(missing_ok=True)  # first, so the message reports the space really free
             raise disk_full_error(path, size_hint) from None
         raise
     finally:

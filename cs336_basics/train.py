@@ -402,7 +402,7 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
     model = run.step_model
     model.train()
     if s.iteration == t.max_iters or clock.budget_s is not None:
-        evaluate(run, log, clock)  # a finished run still reports; a budget needs to know how long evaluating takes
+        validate(run, log, clock)  # a finished run still reports; a budget needs to know how long evaluating takes
     while s.iteration < t.max_iters and not clock.out_of_time():
         it = s.iteration
         if clock.budget_s is None:
@@ -427,7 +427,7 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
         if logging:
             log.train(run, lr=lr, grad_norm=float(grad_norm), clock=clock)
         if evaluating:
-            evaluate(run, log, clock)
+            validate(run, log, clock)
         if saving:
             save(run, log, f"checkpoint_iter_{done}.pt", on_checkpoint, clock)
     s.elapsed_s = clock.elapsed()
@@ -464,7 +464,7 @@ def check_divergence(run: Run) -> None:
                         f"training.max_lr={t.max_lr / 2:g}, or raising training.warmup_iters)")
 
 
-def evaluate(run: Run, log: Logger, clock: Clock) -> None:
+def validate(run: Run, log: Logger, clock: Clock) -> None:
     """Validation loss on the fixed batches (rank 0), logged; other ranks wait."""
     started = time.time()
     s = run.state
