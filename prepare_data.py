@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from cs336_basics.common import disk_full_error, is_disk_full, run_cli
 from cs336_basics.data import DataError, tokenizer_sha256
+from cs336_basics.fileio import prepare_output_dir, staged_outputs
 from cs336_basics.tokenize_data import check_text_file, tokenize_file
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
@@ -59,16 +59,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DataError(f"--vocab-size {args.vocab_size:,} is too large (max {MAX_VOCAB_SIZE:,}); try 10000 or 32000")
     if args.num_workers < 1:
         raise DataError(f"--num-workers {args.num_workers} must be at least 1")
-
-
-def _ensure_writable_dir(path: str | Path, flag: str) -> None:
-    """Create ``path`` if needed and prove a file can be written there, before hours of work."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from None
 
 
 def _load_existing(args: argparse.Namespace) -> Tokenizer:
@@ -123,7 +113,7 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
     return tok
 
 
-def _train(args: argparse.Namespace) -> Tokenizer:
+def _train(args: argparse.Namespace, save_to: Path) -> Tokenizer:
     from cs336_basics.bpe import train_bpe
 
     print(RULE)
@@ -151,7 +141,7 @@ def _train(args: argparse.Namespace) -> Tokenizer:
         print(f"warning: {w.message}{advice}", file=sys.stderr)
     if advice and not caught:
         print(f"warning: the vocabulary has {tok.vocab_size} tokens, not {args.vocab_size}{advice}", file=sys.stderr)
-    tok.save(args.tokenizer_dir)
+    tok.save(save_to)
     print()
     print(f"✓ Tokenizer saved to {_dir_label(args.tokenizer_dir)}")
     print(f"  - {VOCAB_FILE}")
@@ -178,7 +168,7 @@ def _tokenize(title: str, src: str, dst: Path, tok: Tokenizer, args: argparse.Na
     )
     print("✓ Tokenization complete!")
     print(f"  Total tokens: {result.num_tokens:,}")
-    print(f"✓ Saved to {dst}")
+    print(f"✓ Saved to {Path(args.output_dir) / dst.name}")
     print(f"  Output size: {result.output_bytes / 1024**2:.2f} MB")
     ratio = result.input_bytes / result.output_bytes if result.output_bytes else float("inf")
     print(f"  Compression ratio: {ratio:.2f}x", flush=True)
@@ -190,17 +180,23 @@ def run(args: argparse.Namespace) -> None:
     check_text_file(args.train_path)
     if args.val_path:
         check_text_file(args.val_path)
-    _ensure_writable_dir(args.output_dir, "--output-dir")
+    prepare_output_dir(args.output_dir, "--output-dir")
     if not args.use_existing_tokenizer:
-        _ensure_writable_dir(args.tokenizer_dir, "--tokenizer-dir")
+        prepare_output_dir(args.tokenizer_dir, "--tokenizer-dir")
 
-    tok = _load_existing(args) if args.use_existing_tokenizer else _train(args)
-    folder = Path(args.tokenizer_dir)
-    tok_hash = tokenizer_sha256(folder / VOCAB_FILE, folder / MERGES_FILE)
-    out = Path(args.output_dir)
-    _tokenize("Tokenizing Training Data", args.train_path, out / "train.bin", tok, args, tok_hash)
-    if args.val_path:
-        _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
+    # Every output is written to a hidden folder first and put in place when all are complete, so an interrupted
+    # run never leaves a new tokenizer beside .bin files made with the old one.
+    with staged_outputs() as stage:
+        if args.use_existing_tokenizer:
+            tok, folder = _load_existing(args), Path(args.tokenizer_dir)
+        else:
+            folder = stage(args.tokenizer_dir)
+            tok = _train(args, folder)
+        tok_hash = tokenizer_sha256(folder / VOCAB_FILE, folder / MERGES_FILE)
+        out = stage(args.output_dir)
+        _tokenize("Tokenizing Training Data", args.train_path, out / "train.bin", tok, args, tok_hash)
+        if args.val_path:
+            _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f": {e.filename}" if e.filename else ""
             raise DataError(f"{e.strerror or e}{where}") from None
 
-    return run_cli(guarded, interrupted="error: interrupted; no partial output files were left behind")
+    return run_cli(guarded, interrupted="error: interrupted; nothing was replaced (the tokenizer and .bin files are "
+                                        "put in place together only when all are complete)")
 
 
 if __name__ == "__main__":

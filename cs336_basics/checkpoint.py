@@ -14,6 +14,8 @@ import dataclasses
 import errno
 import os
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -102,7 +104,9 @@ def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise CheckpointError(f"checkpoint not found: {name}")
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in files that are not checkpoints
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file: pickle, zip, RuntimeError, ValueError, ...
         if "Unsupported global" in str(e):  # weights_only met a class or function reference
             raise CheckpointError(
@@ -167,6 +171,19 @@ def load_model(src: PathOrFile | dict, device: str | torch.device = "cpu") -> Tr
     return model.eval()
 
 
+def load_model_with_info(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TransformerLM, dict]:
+    """For generation and evaluation: the model (eval mode) and the checkpoint's other entries, ``config`` always a
+    dict (``tokenizer_sha256``, ``iteration``, ... when recorded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (download it first or pass --checkpoint PATH)")
+    ckpt = read_checkpoint(path)
+    info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    if not isinstance(info.get("config"), dict):
+        info["config"] = {}
+    return load_model(ckpt, device=device), info
+
+
 def _load_weights(model: torch.nn.Module, state_dict: dict[str, Any], name: str) -> None:
     """load_state_dict with torch's multi-line mismatch report turned into one line naming the file."""
     state_dict = strip_wrapper_prefixes(state_dict)
@@ -199,6 +216,34 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     if (directory / FINAL_CHECKPOINT).is_file():
         paths.append(directory / FINAL_CHECKPOINT)
     return paths
+
+
+def newest_checkpoint(directory: str | os.PathLike,
+                      on_damaged: Callable[[Path, CheckpointError], None] | None = None) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in ``directory`` and its contents, or None when there is none.
+
+    Newest is the highest iteration (``checkpoint_final.pt`` wins a tie). A damaged or unsafe file is skipped
+    after ``on_damaged(path, error)``, so a run killed while a disk filled up still resumes from the one before.
+    """
+    candidates = [(checkpoint_iteration(p), 0, p, None) for p in list_checkpoints(directory)
+                  if p.name != FINAL_CHECKPOINT]
+    final = Path(directory) / FINAL_CHECKPOINT
+    if final.is_file():
+        try:
+            ckpt = read_checkpoint(final)
+            candidates.append((int(ckpt["iteration"]), 1, final, ckpt))
+        except CheckpointError as exc:
+            if on_damaged is not None:
+                on_damaged(final, exc)
+    for _, _, path, ckpt in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        if ckpt is not None:
+            return path, ckpt
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as exc:
+            if on_damaged is not None:
+                on_damaged(path, exc)
+    return None
 
 
 def _name(src: Any) -> str:

@@ -19,10 +19,11 @@ Exit codes tell callers (torchrun on Modal, the sweep runner, shell scripts) whe
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK = 0
@@ -47,6 +48,10 @@ class DivergedError(UserError):
 
 class DiskFullError(UserError):
     """No space left where an output is written; the message names the folder and the space needed."""
+
+    def __init__(self, message: str, path: Path | None = None, needed_bytes: int | None = None):
+        super().__init__(message)
+        self.path, self.needed_bytes = path, needed_bytes
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -78,7 +83,7 @@ def disk_full_error(path: str | os.PathLike, needed_bytes: int | None = None) ->
         free = "free space unknown"
     need = f"about {fmt_bytes(needed_bytes)} needed, " if needed_bytes else ""
     return DiskFullError(f"no space left in {folder}/ to write {Path(path).name} ({need}{free}): "
-                         "free some space there or choose another output folder")
+                         "free some space there or choose another output folder", Path(path), needed_bytes)
 
 
 def run_cli(main: Callable[[], object], *, quiet: bool = False,
@@ -101,3 +106,45 @@ def run_cli(main: Callable[[], object], *, quiet: bool = False,
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds as the two largest units: 183_600 -> '2 d 3 h', 4_000 -> '1 h 6 min', 75 -> '1 min 15 s'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.1f} s"
+    total = int(round(seconds))
+    for big, big_unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if total >= big:
+            high, rest = divmod(total, big)
+            return f"{high} {big_unit} {rest // small} {small_unit}"
+    raise AssertionError("unreachable")
+
+
+def fmt_si(n: float | None, unit: str = "") -> str:
+    """Three significant digits with an SI prefix: 3.2768e8 -> '328M', (5.92e17, 'FLOP') -> '592 PFLOP'; None -> '-'."""
+    if n is None or not math.isfinite(n):
+        return "-"
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f}{' ' if unit else ''}{prefix}{unit}"
+    return f"{n:.3g} {unit}".rstrip()
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[bool] | None = None) -> str:
+    """Columns padded to their widest cell, a dashed rule under the headers; ``right[i]`` right-aligns column i."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    right = list(right) if right is not None else [False] * len(headers)
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])

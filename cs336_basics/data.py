@@ -155,20 +155,25 @@ def check_token_file(
     min_tokens: int,
     config_hint: str,
     redo: str,
+    vocab_fix: str | None = None,
+    too_short: str = "(model.context_length + 1): use more data or a smaller model.context_length",
+    what: str = "config model.vocab_size",
 ) -> int:
     """Check a token file fits a model from its metadata and size alone; return its token count.
 
     ``label`` names the file in messages; ``min_tokens`` is the fewest tokens usable (context_length + 1 to
     train); ``config_hint`` says where model.vocab_size is set (e.g. "in config.yaml"); ``redo`` is the command
-    that re-creates the file. Without metadata only the size is checked (as uint16). Raises DataError.
+    that re-creates the file. ``vocab_fix`` (formatted with ``n``, the file's vocab size), ``too_short`` and ``what``
+    (whose vocab_size) replace the training wording for other uses (evaluation). Without metadata only the size is
+    checked (as uint16).
+    Raises DataError.
     """
     if meta is not None and int(meta["vocab_size"]) != vocab_size:
         n = int(meta["vocab_size"])
-        raise DataError(
-            f"vocab_size mismatch: config model.vocab_size={vocab_size} but {label} was tokenized with a {n}-token "
-            f"vocab: set model.vocab_size: {n} {config_hint} or pass model.vocab_size={n}, "
-            f"or re-tokenize the data with --vocab-size {vocab_size}"
-        )
+        fix = (vocab_fix or "set model.vocab_size: {n} " + config_hint + " or pass model.vocab_size={n}, or "
+               "re-tokenize the data with --vocab-size " + str(vocab_size)).format(n=n)
+        raise DataError(f"vocab_size mismatch: {what}={vocab_size} but {label} was tokenized with a {n}-token vocab: "
+                        f"{fix}")
     itemsize = np.dtype(meta["dtype"]).itemsize if meta is not None else 2
     if size_bytes % itemsize:
         raise DataError(f"{label} has {size_bytes} bytes, not a whole number of {itemsize}-byte tokens: "
@@ -180,10 +185,7 @@ def check_token_file(
             f"({int(meta['num_tokens']) * itemsize:,} bytes): the file is incomplete or stale; re-create it: {redo}"
         )
     if num_tokens < min_tokens:
-        raise DataError(
-            f"{label} holds {num_tokens:,} tokens, fewer than the {min_tokens:,} needed "
-            f"(model.context_length + 1): use more data or a smaller model.context_length"
-        )
+        raise DataError(f"{label} holds {num_tokens:,} tokens, fewer than the {min_tokens:,} needed {too_short}")
     return num_tokens
 
 

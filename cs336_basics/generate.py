@@ -25,9 +25,9 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 
 import torch
 
+from cs336_basics.checkpoint import load_model_with_info
 from cs336_basics.common import UserError, one_line, run_cli
-from cs336_basics.device import DeviceError
-from cs336_basics.device import pick_device as choose_device
+from cs336_basics.device import pick_device
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -199,26 +199,6 @@ class TextStreamer:
 # ----------------------------------------------------------------------------- CLI
 
 
-def pick_device(name: str) -> torch.device:
-    """``--device``: auto (cuda, then mps, then cpu) or a device that exists here; else a UserError."""
-    try:
-        return choose_device(name)
-    except DeviceError as exc:
-        raise UserError(f"--device {name}: {exc}; use --device cpu or auto") from None
-
-
-def load_checkpoint_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The model and the checkpoint's config dict, or a UserError naming the file."""
-    from cs336_basics.checkpoint import load_model, read_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (download it first or pass --checkpoint PATH)")
-    ckpt = read_checkpoint(path)
-    config = ckpt.get("config")
-    return load_model(ckpt, device=device), config if isinstance(config, dict) else {}
-
-
 def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
     """``--tokenizer-dir`` if given, else the checkpoint's ``data.tokenizer_dir`` when it exists here,
     else ``tokenizer``."""
@@ -250,6 +230,19 @@ def load_checked_tokenizer(directory: Path, model_vocab_size: int):
             f"{model_vocab_size}: pass --tokenizer-dir with the tokenizer the model was trained with"
         )
     return tokenizer
+
+
+def warn_if_other_tokenizer(directory: Path, trained_with: str | None) -> None:
+    """A warning when the tokenizer files differ from those the model was trained with (the checkpoint records
+    their sha256): same vocab size, different tokens, so the text would be gibberish."""
+    from cs336_basics.data import tokenizer_sha256
+    from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE
+
+    vocab, merges = directory / VOCAB_FILE, directory / MERGES_FILE
+    if trained_with and vocab.is_file() and merges.is_file() and tokenizer_sha256(vocab, merges) != trained_with:
+        print(f"warning: the tokenizer in {directory}/ is not the one this model was trained with (its sha256 "
+              "differs from the checkpoint's record): the text may be gibberish; pass --tokenizer-dir with the "
+              "tokenizer that made the training data", file=sys.stderr)
 
 
 def eos_id_of(tokenizer) -> int | None:
@@ -297,8 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> None:
         check_args(args)
         device = pick_device(args.device)
-        model, config = load_checkpoint_model(args.checkpoint, device)
-        tokenizer = load_checked_tokenizer(resolve_tokenizer_dir(args.tokenizer_dir, config), model.vocab_size)
+        model, info = load_model_with_info(args.checkpoint, device)
+        tokenizer_dir = resolve_tokenizer_dir(args.tokenizer_dir, info["config"])
+        tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size)
+        warn_if_other_tokenizer(tokenizer_dir, info.get("tokenizer_sha256"))
         eos_id = eos_id_of(tokenizer)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:

@@ -303,7 +303,7 @@ def run_training(
     if nproc == 1:
         try:
             result = train(cfg, wandb=wandb, run_name=run_name, resume=resume, on_checkpoint=lambda _: commit())
-        except (ConfigError, TrainingError) as exc:
+        except UserError as exc:
             commit()
             return {"error": str(exc)}
     else:
@@ -395,7 +395,7 @@ def run_torchrun(cfg: Any, nproc: int, *, commit: Callable[[], None], wandb: boo
     if code != 0:  # exit code 1 is also what an uncaught (maybe transient) crash gives, so let Modal retry
         raise RuntimeError(f"training under torchrun failed with exit code {code}; the log above says why")
     final = find_latest_checkpoint(ckpt_dir)
-    return {"iteration": int(read_checkpoint(final)["iteration"]) if final else None,
+    return {"iterations": int(read_checkpoint(final)["iteration"]) if final else None,
             "checkpoint": str(final) if final else None}
 
 

@@ -138,3 +138,12 @@ def test_bad_files_name_the_file_and_key(tmp_path):
 def test_config_defaults_match_packaged_yaml():
     # The dataclass defaults are the documented defaults, so a config file may list only what it changes.
     assert Config(source=str(DEFAULT_CONFIG_PATH)) == load_config(None)
+
+
+def test_non_utf8_or_folder_config_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  d_model: 512  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(invalid byte 0xe9"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)

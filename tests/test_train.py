@@ -156,7 +156,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(root, monkeypatch, accum):
     monkeypatch.setattr(train_mod, "train_step", real_step)
 
     summary = train_mod.train(cfg_cut, resume=True)  # continues from checkpoint_iter_4.pt
-    assert summary["iteration"] == 12
+    assert summary["iterations"] == 12
     full, cut = read_metrics(full_dir), read_metrics(cut_dir)
     assert [r["iteration"] for r in cut] == list(range(1, 13))  # the crashed run's iterations 5-7 were dropped
     assert [r["loss"] for r in cut] == [r["loss"] for r in full]  # bit-for-bit
@@ -178,7 +178,7 @@ def test_resume_without_checkpoint_starts_fresh_and_checks_model(root, capsys):
         train(tiny_config(root, max_iters=2), resume=True)
     # Resuming a finished run re-evaluates and re-saves without training.
     summary = train(tiny_config(root, max_iters=4), resume=True)
-    assert summary["iteration"] == 4 and summary["final_val_loss"] is not None
+    assert summary["iterations"] == 4 and summary["final_val_loss"] is not None
 
 
 def test_init_from_starts_a_fine_tune(root):
@@ -192,7 +192,7 @@ def test_init_from_starts_a_fine_tune(root):
     summary = train(load_config(None, tiny_overrides(root, max_iters=4, max_lr=1e-4, min_lr=1e-5, warmup_iters=0)
                                 + [f"data.checkpoint_dir={root / 'ft'}"]), init_from=str(pretrained))
     tuned = read_metrics(root / "ft")
-    assert [r["iteration"] for r in tuned] == [1, 2, 3, 4] and summary["iteration"] == 4
+    assert [r["iteration"] for r in tuned] == [1, 2, 3, 4] and summary["iterations"] == 4
     assert tuned[0]["loss"] < before[0]["loss"] - 1.0  # starts from the trained weights, not from scratch
     saved = read_checkpoint(root / "ft" / "checkpoint_final.pt")
     assert saved["iteration"] == 4

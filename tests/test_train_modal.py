@@ -227,7 +227,7 @@ def test_remote_body_trains_commits_and_resumes_after_preemption(project):
         mu.upload(reference, root / "data" / name, name, "data")
     commits = Commits()
     expected = _remote(reference.root, commits, "ref")
-    assert expected["iteration"] == 4 and expected["resumed"] is False
+    assert expected["iterations"] == 4 and expected["resumed"] is False
     assert commits.n >= 4  # the launch claim, two checkpoints, the end
 
     dying = Commits(die_at=2)  # the claim commits, then the container dies committing checkpoint_iter_2.pt
@@ -236,7 +236,7 @@ def test_remote_body_trains_commits_and_resumes_after_preemption(project):
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["checkpoint_iter_2.pt"]
 
     again = _remote(vol.root, Commits(), "launch-1")  # Modal runs the same call again: it resumes by itself
-    assert again["resumed"] is True and again["iteration"] == 4
+    assert again["resumed"] is True and again["iterations"] == 4
     assert again["final_val_loss"] == pytest.approx(expected["final_val_loss"], rel=1e-5)
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["checkpoint_final.pt", "checkpoint_iter_2.pt",
                                                           "checkpoint_iter_4.pt"]
@@ -247,7 +247,7 @@ def test_remote_body_trains_commits_and_resumes_after_preemption(project):
     assert sorted(p.name for p in archived.glob("*.pt")) == ["checkpoint_final.pt", "checkpoint_iter_2.pt",
                                                              "checkpoint_iter_4.pt"]
     longer = _remote(vol.root, Commits(), "launch-3", resume=True, **{"training.max_iters": 6})
-    assert longer["resumed"] is True and longer["iteration"] == 6
+    assert longer["resumed"] is True and longer["iterations"] == 6
 
 
 def test_remote_body_reports_user_errors_without_raising(project):
@@ -288,7 +288,7 @@ def test_entrypoint_end_to_end(project, monkeypatch, capsys):
     remote = _run_main(monkeypatch, vol, "--config-path tiny.yaml --run-name t1 --overrides 'training.max_iters=2'")
     assert remote.options == {"gpu": "A10G"}
     out = capsys.readouterr().out
-    assert "Launching training on A10G" in out and '"iteration": 2' in out
+    assert "Launching training on A10G" in out and '"iterations": 2' in out
     assert "checkpoint_final.pt" in [f.name for f in mu.list_files(vol, "checkpoint")]
     assert vol.commits >= 2
 
@@ -418,7 +418,7 @@ def test_multi_gpu_path_runs_the_launcher_and_commits_each_checkpoint(project, m
     config = config_to_dict(load_config("tiny.yaml", ["training.batch_size=8"]))
     result = tm.run_training(vol.root, config, commit=commits, launch_id="m", nproc=8, run_name="r", poll_s=0.05)
     assert launched == [(8, False, "r", False)]
-    assert result == {"iteration": 4, "checkpoint": str(vol.root / "checkpoints" / "checkpoint_final.pt"),
+    assert result == {"iterations": 4, "checkpoint": str(vol.root / "checkpoints" / "checkpoint_final.pt"),
                       "resumed": False}
     assert counted.n >= 4  # claim, checkpoint_iter_2 (seen while running), checkpoint_final, end
     seen = load_config(vol.root / "seen_config.yaml")  # what the training processes were given
