@@ -211,18 +211,16 @@ def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
 
 
 def load_checked_tokenizer(directory: Path, model_vocab_size: int):
-    """Load the tokenizer in ``directory`` and check it fits the model; UserError otherwise."""
-    from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, load_tokenizer
+    """Load the tokenizer in ``directory`` (ours, or a tokenizer.json / GPT-2 files) and check it fits the model."""
+    from cs336_basics.tokenizer import load_tokenizer
 
-    missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise UserError(
-            f"tokenizer files missing in {directory}/: {', '.join(missing)} "
-            "(pass --tokenizer-dir DIR pointing at the tokenizer used for training)"
-        )
     try:
         tokenizer = load_tokenizer(directory)  # with the special tokens saved beside it
-    except Exception as exc:  # unreadable pickles, a vocab without all 256 bytes, ...
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc} (pass --tokenizer-dir DIR pointing at the tokenizer used for training)") from None
+    except UserError:
+        raise
+    except Exception as exc:  # a vocab without all 256 bytes, ...
         raise UserError(one_line(f"could not load the tokenizer in {directory}/: {exc}")) from None
     if tokenizer.vocab_size != model_vocab_size:
         raise UserError(
