@@ -293,7 +293,8 @@ def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
             lines.append(f"{label}: about {_hours(hours[0])} to {_hours(hours[1])}, ${hours[0] * price:,.2f} to "
                          f"${hours[1] * price:,.2f} at {cost}")
     low, high = gpus.PLAN_MFU
-    lines.append(f"  (estimates assume {low:.0%} to {high:.0%} MFU; GPU prices are Modal's list prices as of "
+    scaling = f", and {spec.count} GPUs {spec.count}x as fast as one (a small model scales worse)" if spec.count > 1 else ""
+    lines.append(f"  (estimates assume {low:.0%} to {high:.0%} MFU{scaling}; GPU prices are Modal's list prices as of "
                  f"{gpus.PRICES_AS_OF}, CPU and memory are billed on top; a resumed run needs less)")
     return lines
 
@@ -634,7 +635,7 @@ def report(result: dict) -> int:
 
 def _follow_lines(call_id: str) -> list[str]:
     app_id = getattr(app, "app_id", None)
-    logs = f"modal app logs {app_id}" if app_id else "modal app logs <app id>"
+    logs = f"modal app logs -f {app_id}" if app_id else "modal app logs -f <app id>"
     detached = bool(RUN_OPTIONS & {"-d", "--detach"})
     lines = [f"Training call {call_id}: follow it with `{logs}` or on https://modal.com/apps"]
     if detached:

@@ -120,3 +120,32 @@ def test_a_finished_run_is_billed_at_the_row_it_ran_on():
     assert gpus.price_for(spec, "NVIDIA H100 80GB HBM3")[0].name == "H100"
     assert gpus.price_for(spec, "NVIDIA H200")[0].name == "H100"  # upgraded: billed as requested
     assert gpus.price_for(gpus.parse_gpu_spec("A10G:2"), None)[1] == pytest.approx(2 * 1.10)
+
+
+def test_modal_guide_tables_match_this_table():
+    """MODAL_GUIDE.md's GPU table and cost table say what gpus.py and the launch plan say."""
+    from pathlib import Path
+
+    from cs336_basics import train_modal
+    from cs336_basics.config import load_config
+
+    guide = (Path(__file__).resolve().parent.parent / "MODAL_GUIDE.md").read_text()
+    assert f"as recorded in {gpus.PRICES_AS_OF}" in guide
+    listed = {}
+    for row in guide.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if not row.startswith("| `") or len(cells) < 4 or not re.fullmatch(r"\d+ GB", cells[1]):
+            continue
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            listed[name] = cells
+    assert set(listed) == {g.name for g in gpus.MODAL_GPUS}
+    for gpu in gpus.MODAL_GPUS:
+        cells = listed[gpu.name]
+        assert cells[1] == f"{gpu.memory_gb} GB" and cells[2] == f"1-{gpu.max_count}", gpu.name
+        assert cells[3] == (f"${gpu.usd_per_hour:.2f}" if gpu.usd_per_hour else "not in the table"), gpu.name
+
+    cfg = load_config(None)
+    for name in ("A10G", "L40S", "A100", "H100", "B200"):
+        plan = train_modal.plan_lines(cfg, gpus.parse_gpu_spec(name))[1]
+        low, high = re.search(r"\$([\d.,]+) to \$([\d.,]+)", plan).groups()
+        assert re.search(rf"\| `{re.escape(name)}` +\| [\d.]+-[\d.]+ h +\| \${low}-\${high} +\|", guide), (name, plan)
