@@ -600,6 +600,7 @@ def run_torchrun(cfg: Any, nproc: int, *, commit: Callable[[], None], wandb: boo
         with CheckpointWatcher(ckpt_dir, commit, poll_s):
             code, error = run_teed(cmd, torchrun_env(status_dir))
         codes = exit_codes(status_dir)
+    print(f"[train_modal] torchrun exited with code {code}; its workers with {codes or 'none recorded'}", flush=True)
     if code != 0:
         final = next((c for c in codes if c in NO_RETRY_EXIT_CODES), None)
         if final is not None:

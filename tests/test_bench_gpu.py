@@ -19,7 +19,7 @@ def _load_bench():
 def test_smoke_run_measures_both_models_and_the_loss_falls(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "gpu.json"
-    assert bench.main(["--smoke", "--steps", "2", "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--steps", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"fp32", "bf16"}
     for mode in data["results"].values():

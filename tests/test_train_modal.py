@@ -842,6 +842,7 @@ def test_multi_gpu_path_commits_each_checkpoint_and_stops_on_no_retry_codes(proj
     (container.path / "committed").unlink()
     result = tm.run_training(container.path, config, commit=commit, launch_id="m2", nproc=8, poll_s=0.05)
     assert result == {"error": "training loss became nan at iteration 3: the run diverged", "exit_code": 3}
+    assert "torchrun exited with code 1; its workers with [3]" in capsys.readouterr().out
 
     exit_code[0] = "1"  # a crash (no status file): raise, so Modal retries (and the retry resumes)
     with pytest.raises(RuntimeError, match="failed .*exit code 1.*none recorded.*Modal retries"):
