@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -402,6 +403,37 @@ def require_cuda() -> None:
         raise NoCudaError(cuda_problem(torch.__version__, torch.version.cuda, nvidia_driver_version()))
 
 
+def copy_data_locally(cfg: Any, dest: Path) -> str | None:
+    """Copy the configured token files (and their metadata) from the volume to ``dest``; point the config there.
+
+    Training memory-maps its data for hours, and a commit reloads the container's view of the volume, which Modal
+    refuses while files of the volume are open ("there are open files preventing the operation"): read from the
+    volume, every checkpoint commit would fail. Reading from local disk is also faster for random batches. Returns
+    a line to print, or None when a file is missing (training then names the volume path in its error) or the local
+    disk is full (training then reads from the volume, and says so).
+    """
+    from cs336_basics.data import metadata_path
+
+    sources = [Path(cfg.data.data_dir) / rel for rel in dict.fromkeys((cfg.data.train_path, cfg.data.val_path))]
+    if not all(src.is_file() for src in sources):
+        return None
+    start, size = time.monotonic(), 0
+    try:
+        for src in sources:
+            rel = src.relative_to(cfg.data.data_dir)
+            for path, target in ((src, dest / rel), (metadata_path(src), metadata_path(dest / rel))):
+                if path.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                    size += target.stat().st_size
+    except OSError as exc:
+        return (f"warning: could not copy the data to local disk ({exc}); training reads it from the volume, and "
+                "volume commits may fail while it is open")
+    volume_dir, cfg.data.data_dir = cfg.data.data_dir, str(dest)
+    return (f"copied {', '.join(s.name for s in sources)} from {volume_dir} to local disk "
+            f"({size / 2**30:.2f} GiB in {time.monotonic() - start:.0f} s)")
+
+
 def _device_name() -> str:
     import torch
 
@@ -458,16 +490,20 @@ def run_training(
         print(f"[train_modal] {why}: continuing from {latest}" if latest else
               f"[train_modal] {'no checkpoint yet: ' if resume else ''}starting from scratch", flush=True)
 
-        if nproc == 1:
-            try:
-                result = train(cfg, wandb=wandb, run_name=run_name, resume=resume,
-                               on_checkpoint=lambda path: commit_with_retries(commit, f"after {path.name}"))
-            except UserError:
-                commit_with_retries(commit, "after the error")  # keep the metrics and checkpoints written so far
-                raise
-        else:
-            result = run_torchrun(cfg, nproc, commit=commit, wandb=wandb, run_name=run_name, resume=resume,
-                                  poll_s=poll_s or COMMIT_POLL_S)
+        with tempfile.TemporaryDirectory(prefix="cs336-data-") as local:
+            copied = copy_data_locally(cfg, Path(local))
+            if copied:
+                print(f"[train_modal] {copied}", flush=True)
+            if nproc == 1:
+                try:
+                    result = train(cfg, wandb=wandb, run_name=run_name, resume=resume,
+                                   on_checkpoint=lambda path: commit_with_retries(commit, f"after {path.name}"))
+                except UserError:
+                    commit_with_retries(commit, "after the error")  # keep the metrics and checkpoints written so far
+                    raise
+            else:
+                result = run_torchrun(cfg, nproc, commit=commit, wandb=wandb, run_name=run_name, resume=resume,
+                                      poll_s=poll_s or COMMIT_POLL_S)
     except UserError as exc:
         print(f"[train_modal] error: {one_line(exc)}", file=sys.stderr, flush=True)
         return {"error": one_line(exc), "exit_code": exc.exit_code}

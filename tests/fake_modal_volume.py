@@ -7,8 +7,11 @@ batch upload is all-or-nothing and refuses to overwrite an existing file unless 
 ``FakeVolume.mount(folder)`` starts a container: ``folder`` gets a copy of the committed state at that moment, and
 the returned :class:`MountedVolume` is what the container's ``volume`` is. Writes in ``folder`` stay invisible to the
 volume (and to the next container) until ``commit()``, which makes the committed state equal to the container's
-folder; ``reload()`` brings in what others committed. ``fail_commits`` makes the next commits raise the way the real
-client's do (RuntimeError), and ``after_commit`` runs after each successful commit (e.g. to preempt the container).
+folder; ``reload()`` brings in what others committed. Like the real client, whose ``commit()`` reloads the
+container's view afterwards, both refuse (RuntimeError) while a process of this container (this one or a child)
+holds a file of the volume open or memory-mapped (checked through /proc, so on Linux). ``fail_commits`` makes the
+next commits raise the way the real client's do (RuntimeError), and ``after_commit`` runs after each successful
+commit (e.g. to preempt the container).
 
 Method signatures match the installed modal (a test compares them), listings are ``modal.types.FileEntry``, and a
 missing path raises what modal raises.
@@ -74,6 +77,45 @@ def _mirror(src: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(staging, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (Linux /proc; just ``pid`` elsewhere)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = {pid}, [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier and c not in found]
+        found.update(children)
+        frontier = children
+    return found
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """Files under ``folder`` that this process or its children hold open or memory-mapped (Linux; [] elsewhere)."""
+    prefix = str(Path(folder).resolve()) + os.sep
+    found = []
+    for pid in _descendants(os.getpid()):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    found.append(target)
+            with open(f"/proc/{pid}/maps") as f:
+                mapped = (line.split(None, 5) for line in f)
+                found += [parts[5].strip() for parts in mapped if len(parts) == 6 and parts[5].startswith(prefix)]
+        except OSError:
+            continue
+    return sorted(set(found))
 
 
 class FakeVolume:
@@ -171,10 +213,16 @@ class MountedVolume:
         self.commits = 0  # successful commits by this container
         _mirror(volume.root, path)
 
+    def _refuse_open_files(self) -> None:
+        held = open_files_under(self.path)
+        if held:
+            raise RuntimeError(f"there are open files preventing the operation: {held[0]} (stand-in)")
+
     def commit(self):
         if self.fail_commits > 0:
             self.fail_commits -= 1
             raise RuntimeError("Volume commit failed: conflict (stand-in)")
+        self._refuse_open_files()
         _mirror(self.path, self.volume.root)
         self.commits += 1
         self.volume.commits += 1
@@ -182,6 +230,7 @@ class MountedVolume:
             self.after_commit(self.commits)
 
     def reload(self):
+        self._refuse_open_files()
         _mirror(self.volume.root, self.path)
 
 

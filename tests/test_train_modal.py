@@ -509,6 +509,33 @@ def test_user_errors_and_divergence_end_the_call_without_a_retry(project, monkey
     assert result["exit_code"] == EXIT_DIVERGED and "diverged" in result["error"]
 
 
+def test_training_reads_a_local_copy_so_commits_are_not_refused(project, tmp_path, capsys):
+    """Modal refuses a commit (it reloads) while files of the volume are open: memory-mapped data would block them."""
+    from fake_modal_volume import open_files_under
+
+    root, vol = project
+    container = Containers(root, vol).start()
+    data = container.path / "data"
+    held = np.memmap(data / "train.bin", dtype=np.uint16, mode="r")
+    assert open_files_under(container.path) == [str((data / "train.bin").resolve())]
+    with pytest.raises(RuntimeError, match="open files preventing the operation"):
+        container.commit()  # the stand-in is as strict as Modal here
+    del held
+
+    cfg = load_config("tiny.yaml", [f"data.data_dir={data}"])
+    line = tm.copy_data_locally(cfg, tmp_path / "local")
+    assert cfg.data.data_dir == str(tmp_path / "local") and "copied train.bin, val.bin" in line
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["train.bin", "train.bin.json", "val.bin",
+                                                                     "val.bin.json"]
+    assert (tmp_path / "local" / "train.bin").read_bytes() == (data / "train.bin").read_bytes()
+    missing = load_config("tiny.yaml", [f"data.data_dir={data}", "data.val_path=nope.bin"])
+    assert tm.copy_data_locally(missing, tmp_path / "other") is None and missing.data.data_dir == str(data)
+
+    result = _remote(container, "x")  # trains on the copy: every checkpoint commit goes through
+    assert result["iteration"] == 4 and "warning" not in capsys.readouterr().err
+    assert committed(vol) == ["checkpoint_final.pt", "checkpoint_iter_2.pt", "checkpoint_iter_4.pt"]
+
+
 def test_no_cuda_stops_at_once_with_the_versions_and_the_fix(project, monkeypatch):
     root, vol = project
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -836,7 +863,8 @@ def test_multi_gpu_path_commits_each_checkpoint_and_stops_on_no_retry_codes(proj
     assert result["final_train_loss"] == 1.5 and result["final_val_loss"] == 1.25 and result["gpu_count"] == 8
     assert committed(vol) == ["checkpoint_final.pt", "checkpoint_iter_2.pt"]
     seen = load_config(container.path / "seen_config.yaml")  # what the training processes were given
-    assert seen.data.data_dir == str(container.path / "data") and seen.training.batch_size == 8
+    assert Path(seen.data.data_dir).name.startswith("cs336-data-")  # a local copy, not the volume (see below)
+    assert seen.data.checkpoint_dir == str(ckpts) and seen.training.batch_size == 8
 
     exit_code[0] = "3"  # a diverged worker: torchrun exits 1, but retrying cannot help
     (container.path / "committed").unlink()
