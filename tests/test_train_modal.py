@@ -745,14 +745,16 @@ def test_entrypoint_stops_before_any_gpu_on_bad_input(project, monkeypatch, caps
     assert expected in err and err.count("\n") == 1, err
 
 
-def test_workflow_training_commands_parse():
+def test_workflow_training_commands_parse_and_pass_the_checks_before_connecting(monkeypatch):
+    monkeypatch.chdir(Path(cs336_basics.__file__).resolve().parent.parent)  # commands run from the project root
     for argv in ("", "--wandb --run-name my-experiment",
                  "--config-path cs336_basics/config.yaml --wandb --run-name tinystories-10k-vocab",
                  "--wandb --run-name experiment-1", "--gpu H100:8 --resume", "--gpu H100,A100-80GB",
-                 "--attach fc-123"):
+                 "--gpu A100 --overrides 'training.batch_size=64 training.max_iters=20000'", "--attach fc-123"):
         kwargs = parse_entrypoint_args(tm.main, shlex.split(argv))
         assert set(kwargs) == {"config_path", "wandb", "run_name", "gpu", "resume", "overrides", "attach"}
         assert mu.parse_cli_args(shlex.split(argv), tm.main.info.raw_f) == kwargs
+        tm.check_launch_args(**kwargs)  # raises for anything the import-time check would refuse
     assert parse_entrypoint_args(tm.main, ["--wandb", "--run-name", "x"])["wandb"] is True
 
 
