@@ -302,7 +302,7 @@ def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
 
 def cost_line(result: dict) -> str:
     """Measured time and cost of a finished run, at the table's price for the GPU it ran on."""
-    elapsed = float(result.get("elapsed_s") or 0.0)
+    elapsed = float(result.get("wall_s") or 0.0)  # since the first attempt started: what is billed
     attempts = int(result.get("attempts") or 1)
     device = result.get("device_name") or "unknown device"
     where = f"{attempts} attempt(s)" if attempts > 1 else "1 attempt"
@@ -457,7 +457,8 @@ def run_training(
     """The body of the Modal function: train on ``mount``/data into ``mount``/checkpoints, committing as it goes.
 
     A plain function (the volume is the folder ``mount`` and the ``commit`` callback) so tests run it as it runs in
-    the container. Returns train.train's summary plus "resumed", "gpu", "device_name", "elapsed_s" and "attempts";
+    the container. Returns train.train's summary plus "resumed", "gpu", "gpu_count", "device_name", "wall_s" (since
+    the first attempt started) and "attempts";
     or {"error": one line, "exit_code": 2 or 3} for a problem a retry cannot fix, which ends the call without one.
     Anything else (a crash, a preemption, a final commit that keeps failing) raises, and Modal retries.
     """
@@ -514,7 +515,7 @@ def run_training(
             "Modal retries the call, which resumes from the last committed checkpoint"
         )
     summary = {**result, "resumed": latest is not None, "gpu": gpu, "gpu_count": nproc, "device_name": _device_name(),
-               "elapsed_s": time.time() - attempts[0], "attempts": len(attempts)}
+               "wall_s": time.time() - attempts[0], "attempts": len(attempts)}
     print(f"[train_modal] {cost_line(summary)}", flush=True)
     return summary
 
@@ -621,9 +622,8 @@ def run_torchrun(cfg: Any, nproc: int, *, commit: Callable[[], None], wandb: boo
     """
     import yaml
 
-    from cs336_basics.checkpoint import read_checkpoint
+    from cs336_basics.checkpoint import FINAL_CHECKPOINT, newest_checkpoint
     from cs336_basics.config import config_to_dict
-    from cs336_basics.train import find_latest_checkpoint
 
     ckpt_dir = Path(cfg.data.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -643,10 +643,12 @@ def run_torchrun(cfg: Any, nproc: int, *, commit: Callable[[], None], wandb: boo
             raise TorchrunStopped(error or f"training under torchrun stopped with exit code {final} (see the log)", final)
         raise RuntimeError(f"training under torchrun failed (exit code {code}; workers' codes {codes or 'none recorded'});"
                            " the log above says why; Modal retries the call, which resumes from the last checkpoint")
-    final_ckpt = find_latest_checkpoint(ckpt_dir)
-    saved = read_checkpoint(final_ckpt) if final_ckpt else {}
-    return {"iteration": int(saved["iteration"]) if final_ckpt else None, "final_train_loss": saved.get("train_loss"),
-            "final_val_loss": saved.get("val_loss"), "checkpoint": str(final_ckpt) if final_ckpt else None}
+    found = newest_checkpoint(ckpt_dir)
+    path, saved = found if found else (None, {})
+    return {"status": "finished" if path and path.name == FINAL_CHECKPOINT else "failed",
+            "iterations": int(saved["iteration"]) if path else None, "elapsed_s": saved.get("elapsed_s"),
+            "final_train_loss": saved.get("train_loss"), "final_val_loss": saved.get("val_loss"),
+            "best_val_loss": saved.get("best_val_loss"), "checkpoint": str(path) if path else None}
 
 
 # ----------------------------------------------------------------------------- local entrypoint
@@ -662,7 +664,7 @@ def report(result: dict) -> int:
         return "n/a" if result.get(key) is None else f"{result[key]:.4f}"
 
     how = " (resumed from a checkpoint)" if result.get("resumed") else ""
-    print(f"Finished{how}: iteration {result.get('iteration')}, train loss {loss('final_train_loss')}, "
+    print(f"Finished{how}: iteration {result.get('iterations')}, train loss {loss('final_train_loss')}, "
           f"val loss {loss('final_val_loss')}; {result.get('checkpoint')}")
     print(cost_line(result))
     print("Download: modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt "

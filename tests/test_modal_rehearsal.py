@@ -157,7 +157,7 @@ def test_single_gpu_container_is_preempted_and_the_retry_resumes_bit_exactly(lay
     root, _, base = layout
     config = _config()
     reference_vol, reference = reference_run(base, "single-reference", config, 1)
-    assert reference["iteration"] == 8
+    assert reference["iterations"] == 8
 
     vol = make_volume(base, "single")
     first = Container(layout, vol, _kwargs(config, "launch", 1), cwd=root, preempt_after_commit=2)
@@ -166,7 +166,7 @@ def test_single_gpu_container_is_preempted_and_the_retry_resumes_bit_exactly(lay
 
     second = Container(layout, vol, _kwargs(config, "launch", 1), cwd=root)
     assert second.returncode == 0, second.output[-3000:]
-    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iteration"] == 8
+    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 8
     assert "restarted by Modal (attempt 2): continuing from" in second.output
     assert_same_weights(vol.root / "checkpoints" / "checkpoint_final.pt",
                         reference_vol.root / "checkpoints" / "checkpoint_final.pt")
@@ -181,7 +181,7 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
     elsewhere.mkdir()
     config = _config(batch_size=8, max_iters=40, checkpoint_interval=4, eval_interval=20, log_interval=10)
     reference_vol, reference = reference_run(base, "ddp-reference", config, 2)
-    assert reference["iteration"] == 40
+    assert reference["iterations"] == 40
 
     vol = make_volume(base, "ddp")
     first = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere, preempt_after_commit=2)
@@ -191,7 +191,7 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
 
     second = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere)
     assert second.returncode == 0, second.output[-3000:]
-    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iteration"] == 40
+    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 40
     assert "restarted by Modal (attempt 2): continuing from" in second.output
     # each worker ran train.py's main and recorded its exit code where the launcher reads it (torchrun exits 1
     # whatever its workers' codes: these records are how a user error or divergence avoids a retry)

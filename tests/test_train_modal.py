@@ -385,7 +385,7 @@ def test_plan_gives_tokens_time_and_cost_from_the_gpu_table():
 
 
 def test_cost_line_uses_the_gpu_it_ran_on():
-    result = {"elapsed_s": 2 * 3600, "attempts": 2, "device_name": "NVIDIA A100-SXM4-80GB", "gpu": "H100,A100-80GB",
+    result = {"wall_s": 2 * 3600, "attempts": 2, "device_name": "NVIDIA A100-SXM4-80GB", "gpu": "H100,A100-80GB",
               "gpu_count": 1}
     line = tm.cost_line(result)
     assert "2:00:00 on 1x NVIDIA A100-SXM4-80GB over 2 attempt(s)" in line and "$5.00 at $2.50/h for A100-80GB" in line
@@ -401,7 +401,7 @@ def test_remote_body_trains_commits_and_resumes_bit_exactly_after_preemption(pro
     for name in ("train.bin", "val.bin"):
         mu.upload(reference_vol, root / "data" / name, name, "data")
     expected = _remote(Containers(root / "ref", reference_vol).start(), "ref")
-    assert expected["iteration"] == 4 and expected["resumed"] is False and expected["attempts"] == 1
+    assert expected["iterations"] == 4 and expected["resumed"] is False and expected["attempts"] == 1
 
     containers = Containers(root, vol)
     first = containers.start(after_commit=preempt_at(2))  # the launch claim, then checkpoint_iter_2, then SIGINT
@@ -410,7 +410,7 @@ def test_remote_body_trains_commits_and_resumes_bit_exactly_after_preemption(pro
     assert committed(vol) == ["checkpoint_iter_2.pt"]
 
     again = _remote(containers.start(), "launch-1")  # Modal runs the same call again: it resumes by itself
-    assert again["resumed"] is True and again["iteration"] == 4 and again["attempts"] == 2
+    assert again["resumed"] is True and again["iterations"] == 4 and again["attempts"] == 2
     assert again["final_val_loss"] == expected["final_val_loss"]
     final, reference = weights(vol.root / "checkpoints" / "checkpoint_final.pt"), \
         weights(reference_vol.root / "checkpoints" / "checkpoint_final.pt")
@@ -423,7 +423,7 @@ def test_remote_body_trains_commits_and_resumes_bit_exactly_after_preemption(pro
     assert sorted(p.name for p in archived.glob("*.pt")) == ["checkpoint_final.pt", "checkpoint_iter_2.pt",
                                                              "checkpoint_iter_4.pt"]
     longer = _remote(containers.start(), "launch-3", resume=True, **{"training.max_iters": 6})
-    assert longer["resumed"] is True and longer["iteration"] == 6
+    assert longer["resumed"] is True and longer["iterations"] == 6
 
 
 def test_the_stand_in_catches_code_that_forgets_to_commit(project, monkeypatch):
@@ -458,7 +458,7 @@ def test_a_failed_commit_after_a_checkpoint_is_retried_then_training_goes_on(pro
             retried.fail_commits = 2
 
     retried.after_commit = fail_next
-    assert _remote(retried, "a")["iteration"] == 4
+    assert _remote(retried, "a")["iterations"] == 4
     assert "warning" not in capsys.readouterr().err
 
     gave_up = containers.start()
@@ -468,7 +468,7 @@ def test_a_failed_commit_after_a_checkpoint_is_retried_then_training_goes_on(pro
             gave_up.fail_commits = tm.COMMIT_ATTEMPTS  # checkpoint_iter_2's commit fails every attempt
     gave_up.after_commit = fail_three
     result = _remote(gave_up, "b")
-    assert result["iteration"] == 4  # training went on
+    assert result["iterations"] == 4  # training went on
     err = capsys.readouterr().err
     assert "committing the volume after checkpoint_iter_2.pt failed 3 times" in err and "next checkpoint" in err
     assert committed(vol) == ["checkpoint_final.pt", "checkpoint_iter_2.pt", "checkpoint_iter_4.pt"]
@@ -487,7 +487,7 @@ def test_a_final_commit_that_keeps_failing_says_the_checkpoints_are_not_persiste
         _remote(doomed, "x")
     assert committed(vol) == ["checkpoint_iter_2.pt"]
     retry = _remote(containers.start(), "x")  # Modal's retry
-    assert retry["resumed"] is True and retry["iteration"] == 4
+    assert retry["resumed"] is True and retry["iterations"] == 4
 
 
 def test_user_errors_and_divergence_end_the_call_without_a_retry(project, monkeypatch):
@@ -532,7 +532,7 @@ def test_training_reads_a_local_copy_so_commits_are_not_refused(project, tmp_pat
     assert tm.copy_data_locally(missing, tmp_path / "other") is None and missing.data.data_dir == str(data)
 
     result = _remote(container, "x")  # trains on the copy: every checkpoint commit goes through
-    assert result["iteration"] == 4 and "warning" not in capsys.readouterr().err
+    assert result["iterations"] == 4 and "warning" not in capsys.readouterr().err
     assert committed(vol) == ["checkpoint_final.pt", "checkpoint_iter_2.pt", "checkpoint_iter_4.pt"]
 
 
@@ -861,7 +861,7 @@ def test_multi_gpu_path_commits_each_checkpoint_and_stops_on_no_retry_codes(proj
     config = config_to_dict(load_config("tiny.yaml", ["training.batch_size=8"]))
     result = tm.run_training(container.path, config, commit=commit, launch_id="m", nproc=8, run_name="r", poll_s=0.05)
     assert launched == [(8, False, "r", False)]
-    assert result["iteration"] == 4 and result["checkpoint"] == str(ckpts / "checkpoint_final.pt")
+    assert result["iterations"] == 4 and result["checkpoint"] == str(ckpts / "checkpoint_final.pt")
     assert result["final_train_loss"] == 1.5 and result["final_val_loss"] == 1.25 and result["gpu_count"] == 8
     assert committed(vol) == ["checkpoint_final.pt", "checkpoint_iter_2.pt"]
     seen = load_config(container.path / "seen_config.yaml")  # what the training processes were given
