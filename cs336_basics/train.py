@@ -52,6 +52,7 @@ from cs336_basics.data import (DataError, check_same_tokenizer, check_token_file
                                read_metadata, sampled_max_token, tokenizer_sha256)
 from cs336_basics.device import DeviceError, autocast_for, pick_device
 from cs336_basics.fileio import atomic_output, prepare_output_dir
+from cs336_basics.gpus import mfu, peak_flops, training_precision
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import clip_gradients, cross_entropy
 from cs336_basics.optimizer import AdamW, get_lr_budget_schedule, get_lr_cosine_schedule
@@ -606,6 +607,7 @@ class Logger:
         t = run.cfg.training
         self.metrics = MetricsLog(run.ckpt_dir / METRICS_FILE, self.main, run.state.iteration if resumed else None)
         self.wandb = wandb_run
+        self.peak, self.devices = device_peak_flops(run.device, run.precision), run.info.world_size
         self.record = None
         if self.main:  # run.json: what ran, where, and (when it ends) how it ended
             gpu = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None
@@ -641,9 +643,13 @@ class Logger:
         record = {"type": "train", "iteration": s.iteration, "loss": s.train_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": s.iteration * run.tokens_per_iter, "tokens_per_sec": tok_s,
                   "flops_per_sec": tok_s * self.flops_per_token, "elapsed_s": s.elapsed_s, "eta_s": left}
+        utilisation = mfu(self.flops_per_token, tok_s, self.peak, num_devices=self.devices)
+        if utilisation is not None:
+            record["mfu"] = utilisation
         self.say(f"iter {s.iteration:>7,}/{t.max_iters:,} | loss {s.train_loss:.4f} | lr {lr:.3e} | "
-                 f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | elapsed {fmt_duration(s.elapsed_s)} | "
-                 f"eta {fmt_duration(left)}")
+                 f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s"
+                 + (f" | mfu {utilisation:.1%}" if utilisation is not None else "")
+                 + f" | elapsed {fmt_duration(s.elapsed_s)} | eta {fmt_duration(left)}")
         self._record(record, "train")
         if then_iter > 0 or s.iteration >= 2:  # the first iteration's time includes warm-up: not yet the speed
             self._warn_if_long(run, left, sec_per_iter)
@@ -699,6 +705,14 @@ class Logger:
         if self.record is not None:
             self.record.finish(status, error=error)
             self._write_record(run)
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """One GPU's datasheet peak FLOP/s at the run's precision (gpus.py), for MFU; None for CPUs and unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device),
+                      training_precision(precision, torch.get_float32_matmul_precision()))
 
 
 def banner(run: Run) -> list[str]:

@@ -433,3 +433,27 @@ def test_script_run_of_a_diverging_config_exits_3_with_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: training loss")
+
+
+def test_mfu_is_printed_and_logged_when_the_device_peak_is_known(root, monkeypatch, capsys):
+    import cs336_basics.train as train_mod
+
+    monkeypatch.setattr(train_mod, "device_peak_flops", lambda device, precision: 1e10)  # a 10 GFLOP/s "GPU"
+    assert train_mod.main(tiny_overrides(root, max_iters=4, eval_interval=4)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tok/s" in line]
+    assert lines and all(" | mfu " in line for line in lines)
+    from cs336_basics.model import TransformerLM
+
+    cfg = tiny_config(root)
+    per_token = TransformerLM(cfg.model, device="meta").flops_per_token()
+    for r in read_metrics(root / "ckpt"):
+        assert r["mfu"] == pytest.approx(per_token * r["tokens_per_sec"] / 1e10)
+
+
+def test_no_mfu_on_cpu(root, capsys):
+    from cs336_basics.train import device_peak_flops, main
+
+    assert device_peak_flops(torch.device("cpu"), "float32") is None
+    assert main(tiny_overrides(root, max_iters=2, eval_interval=2)) == 0
+    assert " | mfu " not in capsys.readouterr().out
+    assert all("mfu" not in r for r in read_metrics(root / "ckpt"))
