@@ -24,6 +24,7 @@ import yaml
 from cs336_basics.common import UserError
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # the assignment's runs, as config files
 
 ATTENTION_IMPLS = ("sdpa", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -176,6 +177,25 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raise ConfigError(f"{path}: expected sections model/training/data/wandb at top level, got {type(raw).__name__}")
     overridden = {_apply_override(raw, item): item for item in overrides}
     return config_from_dict(raw, source=_display_path(path), overridden=overridden)
+
+
+def preset_names() -> list[str]:
+    """The packaged presets (``cs336_basics/presets/NAME.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_path(config_path: str | None = None, preset: str | None = None) -> str | None:
+    """The config file for ``--config-path`` or ``--preset`` (None: the packaged default); ConfigError for both or
+    an unknown preset."""
+    if not preset:
+        return config_path or None
+    if config_path:
+        raise ConfigError(f"--preset {preset} and --config-path {config_path}: give one of them (a preset is a config "
+                          "file; add overrides on top instead)")
+    path = PRESETS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--preset {preset}: no such preset; choose one of {', '.join(preset_names())}")
+    return str(path)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config", overridden: dict[str, str] | None = None) -> Config:

@@ -47,7 +47,7 @@ from cs336_basics.checkpoint import (FINAL_CHECKPOINT, CheckpointError, list_che
                                      newest_checkpoint, read_checkpoint, save_checkpoint)
 from cs336_basics.common import (DiskFullError, DivergedError, UserError, fmt_duration, fmt_si, one_line,
                                  run_cli)
-from cs336_basics.config import Config, check_batch_split, config_to_dict, load_config
+from cs336_basics.config import Config, check_batch_split, config_path, config_to_dict, load_config, preset_names
 from cs336_basics.data import (DataError, check_same_tokenizer, check_token_file, get_batch, load_tokens,
                                read_metadata, sampled_max_token, tokenizer_sha256)
 from cs336_basics.device import DeviceError, autocast_for, pick_device
@@ -60,7 +60,6 @@ from cs336_basics.runs import RUN_FILE, RunRecord, write_run_record
 
 EVAL_SEED = 1234  # validation batches do not depend on training.seed, so runs with different seeds compare
 METRICS_FILE = "metrics.jsonl"
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DIVERGENCE_FACTOR = 1.5  # a logged loss above this multiple of the first one ends the run as diverged
 LONG_RUN_S = 24 * 3600  # a run that would take longer than this at the measured speed gets one warning
 MANY_EPOCHS = 10.0  # a schedule with more passes over the training data than this gets a warning
@@ -923,20 +922,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def config_path_for(args: argparse.Namespace) -> str | None:
-    """``--config-path``, or the file of ``--preset``; UserError for an unknown preset."""
-    if args.preset is None:
-        return args.config_path
-    path = PRESETS_DIR / f"{args.preset}.yaml"
-    if not path.is_file():
-        raise UserError(f"--preset {args.preset}: no such preset; choose one of {', '.join(preset_names())}")
-    return str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (see cs336_basics.common: 2 user error, 3 diverged, 130 interrupted)."""
     args = build_parser().parse_args(argv)
@@ -945,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep or args.sweep_name:
             sweep(args)
             return
-        cfg = load_config(config_path_for(args), args.overrides)
+        cfg = load_config(config_path(args.config_path, args.preset), args.overrides)
         train(cfg, wandb=args.wandb, run_name=args.run_name, resume=args.resume, init_from=args.init_from)
 
     return run_cli(run, quiet=not dist_info_from_env().is_main,
@@ -960,7 +945,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         raise UserError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
     if args.init_from or args.run_name or dist_info_from_env().enabled:
         raise UserError("--sweep runs its own runs: drop --init-from / --run-name, and run it without torchrun")
-    path = config_path_for(args)
+    path = config_path(args.config_path, args.preset)
     axes = parse_sweep(args.sweep, args.overrides)
     base = load_config(path, args.overrides)
     name = args.sweep_name or f"sweep-{'-'.join(k.split('.')[-1] for k, _ in axes)}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"

@@ -147,3 +147,14 @@ def test_non_utf8_or_folder_config_is_one_line(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_presets_resolve_and_bad_ones_are_one_line():
+    from cs336_basics.config import PRESETS_DIR, config_path
+
+    assert config_path(None, "cpu") == str(PRESETS_DIR / "cpu.yaml")
+    assert config_path("my.yaml", None) == "my.yaml" and config_path(None, None) is None
+    with pytest.raises(ConfigError, match="no such preset; choose one of cpu, leaderboard, owt, tinystories"):
+        config_path(None, "gpt5")
+    with pytest.raises(ConfigError, match="give one of them"):
+        config_path("my.yaml", "cpu")

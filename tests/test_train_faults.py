@@ -411,8 +411,7 @@ def test_sweep_errors_are_one_line(root, capsys):
 
 
 def test_presets_are_valid_configs():
-    from cs336_basics.config import load_config
-    from cs336_basics.train import PRESETS_DIR, preset_names
+    from cs336_basics.config import PRESETS_DIR, load_config, preset_names
 
     assert {"tinystories", "owt", "leaderboard", "cpu"} <= set(preset_names())
     for name in preset_names():
