@@ -403,12 +403,14 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
     model.train()
     if s.iteration == t.max_iters or clock.budget_s is not None:
         validate(run, log, clock)  # a finished run still reports; a budget needs to know how long evaluating takes
-    while s.iteration < t.max_iters and not clock.out_of_time():
+    fraction, out_of_time = clock.check(run)
+    stop = s.iteration >= t.max_iters or out_of_time
+    while not stop:
         it = s.iteration
         if clock.budget_s is None:
             lr = get_lr_cosine_schedule(it, t.max_lr, t.min_lr, t.warmup_iters, t.lr_cycle_iters)
         else:
-            lr = get_lr_budget_schedule(it, clock.fraction(), t.max_lr, t.min_lr, t.warmup_iters)
+            lr = get_lr_budget_schedule(it, fraction, t.max_lr, t.min_lr, t.warmup_iters)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         batches = [get_batch(run.train_data, run.micro_batch, run.cfg.model.context_length, run.device,
@@ -417,8 +419,9 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
         s.iteration = done = it + 1
         s.elapsed_s = clock.elapsed()
         log.step()
-        last = done == t.max_iters or clock.out_of_time()
-        logging, evaluating = log_due(done, t.log_interval) or last, done % t.eval_interval == 0 or last
+        fraction, out_of_time = clock.check(run)
+        stop = done == t.max_iters or out_of_time  # decided once: the last step is logged and evaluated
+        logging, evaluating = log_due(done, t.log_interval) or stop, done % t.eval_interval == 0 or stop
         saving = done % t.checkpoint_interval == 0
         if not (logging or evaluating or saving):
             continue
@@ -566,6 +569,17 @@ class Clock:
         """Share of the usable budget spent (1.0 when the final evaluation and checkpoint must start)."""
         usable = max(self.budget_s - BUDGET_MARGIN * (self.longest["eval"] + self.longest["save"]), 1e-9)
         return (self.before + time.time() - self.t0) / usable
+
+    def check(self, run: Run) -> tuple[float, bool]:
+        """(fraction of the budget used, out of time), the same on every rank: rank 0's clock decides, since
+        ranks that stopped at different steps, or set different learning rates, would hang or drift apart."""
+        if self.budget_s is None:
+            return 0.0, False
+        values = torch.tensor([self.fraction(), float(self.out_of_time())], dtype=torch.float64, device=run.device)
+        if run.info.enabled:
+            dist.broadcast(values, src=0)
+        fraction, out = values.tolist()
+        return fraction, out > 0
 
 
 # ----------------------------------------------------------------------------- logging

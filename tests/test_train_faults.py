@@ -16,24 +16,9 @@ import pytest
 import torch
 
 from cs336_basics.common import EXIT_DIVERGED, EXIT_USER_ERROR
-from test_train import CONTEXT, PROJECT_ROOT, make_data, read_metrics, tiny_config, tiny_overrides
+from tiny_run import CONTEXT, PROJECT_ROOT, make_data, read_metrics, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    make_data(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _finite(ckpt: dict) -> bool:
