@@ -215,10 +215,11 @@ def test_first_iterations_are_logged_with_eta_and_readable_flops(root, capsys):
 
 
 def test_a_plan_of_many_epochs_and_more_than_a_day_is_called_out(root, capsys, monkeypatch):
+    import cs336_basics.logger as logger_mod
     import cs336_basics.train as train_mod
 
     make_data(root, n_train=2_000)  # 200 iterations x 128 tokens = 12.8 passes over it
-    monkeypatch.setattr(train_mod, "LONG_RUN_S", 0.0)  # any run "takes more than a day" here
+    monkeypatch.setattr(logger_mod, "LONG_RUN_S", 0.0)  # any run "takes more than a day" here
     assert train_mod.main(tiny_overrides(root, max_iters=200, log_interval=100, eval_interval=100,
                                          checkpoint_interval=100)) == 0
     err = capsys.readouterr().err
@@ -420,9 +421,10 @@ def test_script_run_of_a_diverging_config_exits_3_with_one_line(tmp_path):
 
 
 def test_mfu_is_printed_and_logged_when_the_device_peak_is_known(root, monkeypatch, capsys):
+    import cs336_basics.logger as logger_mod
     import cs336_basics.train as train_mod
 
-    monkeypatch.setattr(train_mod, "device_peak_flops", lambda device, precision: 1e10)  # a 10 GFLOP/s "GPU"
+    monkeypatch.setattr(logger_mod, "device_peak_flops", lambda device, precision: 1e10)  # a 10 GFLOP/s "GPU"
     assert train_mod.main(tiny_overrides(root, max_iters=4, eval_interval=4)) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "tok/s" in line]
     assert lines and all(" | mfu " in line for line in lines)
@@ -435,7 +437,8 @@ def test_mfu_is_printed_and_logged_when_the_device_peak_is_known(root, monkeypat
 
 
 def test_no_mfu_on_cpu(root, capsys):
-    from cs336_basics.train import device_peak_flops, main
+    from cs336_basics.logger import device_peak_flops
+    from cs336_basics.train import main
 
     assert device_peak_flops(torch.device("cpu"), "float32") is None
     assert main(tiny_overrides(root, max_iters=2, eval_interval=2)) == 0
