@@ -1170,3 +1170,15 @@ def test_sweep_helpers_for_runs_made_elsewhere(tmp_path):
     record = read_run_record(points[1].run_dir)  # ...recorded first, should no retry be left
     assert record.status == "failed" and record.error == "crash: RuntimeError: lost the GPU"
 
+
+def test_every_train_modal_command_in_the_guide_passes_the_checks_before_connecting(monkeypatch):
+    root = Path(cs336_basics.__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the guide's commands run from the project root
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "MODAL_GUIDE.md").read_text(), re.S)
+    commands = re.findall(r"modal run (?:--detach )?cs336_basics/train_modal\.py([^\n#]*)",
+                          "\n".join(blocks).replace("\\\n", " "))
+    assert len(commands) >= 15
+    for args in commands:
+        kwargs = mu.parse_cli_args(shlex.split(args), tm.main.info.raw_f, repeatable=("sweep",))
+        assert kwargs is not None, args
+        tm.check_launch_args(**kwargs)  # raises for anything the import-time check would refuse
