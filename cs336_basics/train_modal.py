@@ -84,6 +84,11 @@ COMMIT_RETRY_S = 2.0  # first delay between commit attempts, doubled each time
 SWEEPS_DIR = "sweeps"  # a sweep's runs go to checkpoints/sweeps/<sweep name>/<run name>/
 PUBLISH_ROUNDS = 5  # how often a sweep's container rewrites the table while other containers change it
 BUDGET_MARGIN_S = 15 * 60  # an attempt under a time budget may run this much longer: start-up, data copy, last commit
+NOT_ON_MODAL = {  # config keys Modal replaces: a sweep over them would run the same config N times
+    "data.data_dir": "on Modal the data is /data/<data.train_path> in the volume (sweep data.train_path instead)",
+    "data.checkpoint_dir": "on Modal each run of a sweep writes to /checkpoints/sweeps/<sweep name>/<run name>/",
+    "training.device": "on Modal training always runs on the GPU (cuda)",
+}
 MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}  # CUDA major -> minimum NVIDIA driver (CUDA release notes, table 3)
 
 app = modal.App("cs336-train")
@@ -281,6 +286,9 @@ def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str 
     if sweep_name:
         check_name(sweep_name)
     axes = parse_sweep(specs, items)
+    for key, _ in axes:
+        if key in NOT_ON_MODAL:
+            raise SweepError(f"--sweep {key}: {NOT_ON_MODAL[key]}, so its runs would all be the same")
     configs = []
     for point in plan_sweep(axes, "."):
         try:
@@ -365,11 +373,18 @@ def plan_launch(
     configs = args.configs or [args.cfg]
     notes: list[str] = []
     checked = set()
-    for cfg in configs:  # the data once (once per data files and vocabulary, should a sweep vary them)
+    for i, cfg in enumerate(configs):  # the data once (once per data files and vocabulary a sweep tries)
         key = (cfg.data.train_path, cfg.data.val_path, cfg.model.vocab_size, cfg.model.context_length)
-        if key not in checked:
-            checked.add(key)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
             notes += [n for n in preflight(vol, cfg, resume=resume or args.axes is not None) if n not in notes]
+        except UserError as exc:
+            if args.axes is None or i == 0:
+                raise
+            name = plan_sweep(args.axes, ".")[i].name
+            raise PreflightError(f"sweep run {name}: {one_line(exc)}") from None
     if wandb and secret_lookup is not None:
         check_wandb_secret(secret_lookup)
     for cfg in configs:

@@ -977,13 +977,36 @@ def test_a_detached_sweep_writes_its_table_in_the_volume_without_the_terminal(pr
     # the same --sweep-name again: every run has ended, so nothing is launched and the table is shown
     again = _run_main(monkeypatch, project, SWEEP)
     assert again.calls == [] and "Every run of sweep lr has ended" in capsys.readouterr().out
-    # a run that did not end (here: recorded as interrupted) runs again, the others are kept
+    # a run that did not end (here: recorded as running, its launch stopped) runs again, the others are kept
     record = json.loads((diverged / "run.json").read_text())
-    (diverged / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    (diverged / "run.json").write_text(json.dumps({**record, "status": "running"}))
     third = _run_main(monkeypatch, project, SWEEP)
     assert [c.kwargs["run_name"] for c in third.calls] == ["max_lr=1e6"]
-    assert "kept (already finished or diverged): max_lr=1e-2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kept (already finished or diverged): max_lr=1e-2" in out
+    assert "1 run(s) of sweep lr are recorded as running (max_lr=1e6): if the launch that started them" in out
     assert [r["status"] for r in committed_table(vol)["runs"]] == ["finished", "diverged"]
+
+
+def test_ctrl_c_stops_a_sweep_and_says_how_to_continue_it(project, monkeypatch, capsys):
+    root, vol = project
+    remote = ClientGone(Containers(root, vol))  # the local wait is interrupted, without --detach
+    with pytest.raises(SystemExit) as done:
+        _run_main(monkeypatch, project, SWEEP, remote=remote)
+    assert done.value.code == 130 and len(remote.calls) == 2
+    assert ("interrupted: the sweep stops; its runs' committed checkpoints are kept: continue it with the same "
+            "command and --sweep-name lr") in capsys.readouterr().err
+
+
+def test_a_sweep_whose_run_does_not_fit_the_data_stops_before_any_gpu(project, monkeypatch, capsys):
+    _, vol = project
+    remote = FakeFunction(Containers(*project))
+    monkeypatch.setattr(tm, "train_remote", remote)
+    with pytest.raises(SystemExit) as done:
+        _run_main(monkeypatch, project, "--config-path tiny.yaml --sweep model.vocab_size=64,128", remote=remote)
+    assert done.value.code == EXIT_USER_ERROR and remote.calls == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep run vocab_size=128: vocab_size mismatch") and err.count("\n") == 1
 
 
 def test_a_run_that_crashes_is_retried_then_recorded_and_the_sweep_goes_on(project, monkeypatch, capsys):
@@ -1091,6 +1114,7 @@ def test_the_stand_in_volume_has_modal_commit_semantics(tmp_path):
     ("--config-path tiny.yaml --gpu A10:4 --sweep training.batch_size=4,6",
      "sweep run batch_size=6: tiny.yaml: training.batch_size=6 must be divisible by 4"),
     ("--sweep training.max_lr=1e-3 --overrides training.max_lr=1e-2", "both swept"),
+    ("--sweep data.data_dir=a,b", "--sweep data.data_dir: on Modal the data is /data/<data.train_path>"),
     ("--sweep-name lr", "--sweep-name needs at least one --sweep"),
     ("--sweep training.max_lr=1e-3,1e-2 --run-name x", "drop --run-name / --resume"),
     ("--sweep training.max_lr=1e-3 --resume", "the same --sweep-name again continues a sweep"),
