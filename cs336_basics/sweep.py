@@ -423,12 +423,17 @@ def _csv_text(rows: Sequence[dict[str, Any]], axes: Axes) -> str:
 
 
 def write_results(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axes: Axes, *, name: str,
-                  started_at: str | None = None) -> tuple[Path, Path]:
-    """Write ``sweep.json`` and ``sweep.csv`` into ``out_dir`` atomically; returns their paths."""
+                  started_at: str | None = None, command: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``sweep.json`` and ``sweep.csv`` into ``out_dir`` atomically; returns their paths.
+
+    ``command`` is the command line that launched the sweep (default ``sys.argv``; a Modal container passes the
+    launch's).
+    """
     out_dir = Path(out_dir)
     best = best_row(rows)
     data = {"name": name, "axes": [[k, list(v)] for k, v in axes], "started_at": started_at, "updated_at": utc_now(),
-            "command": list(sys.argv), "best": best["name"] if best else None, "runs": list(rows)}
+            "command": list(sys.argv if command is None else command), "best": best["name"] if best else None,
+            "runs": list(rows)}
     paths = (out_dir / SWEEP_JSON, out_dir / SWEEP_CSV)
     for path, text in zip(paths, (to_json(data), _csv_text(rows, axes))):
         with atomic_output(path) as tmp:
@@ -437,7 +442,8 @@ def write_results(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], ax
 
 
 def finish_sweep(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axes: Axes, *, name: str,
-                 plot: bool = True, started_at: str | None = None, quiet: bool = False) -> dict[str, Path | None]:
+                 plot: bool = True, started_at: str | None = None, quiet: bool = False,
+                 command: Sequence[str] | None = None) -> dict[str, Path | None]:
     """Write sweep.json / sweep.csv, draw ``curves.png`` from the runs that logged metrics, print the table.
 
     A picture that cannot be drawn (no run got far enough to log) is noted, not raised: the table matters more.
@@ -445,7 +451,7 @@ def finish_sweep(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axe
     from cs336_basics.plot import METRICS_FILE, plot_runs
 
     say = (lambda *a: None) if quiet else print
-    json_path, csv_path = write_results(out_dir, rows, axes, name=name, started_at=started_at)
+    json_path, csv_path = write_results(out_dir, rows, axes, name=name, started_at=started_at, command=command)
     curves = None
     if plot:
         dirs = [Path(r["run_dir"]) for r in rows if (Path(r["run_dir"]) / METRICS_FILE).is_file()]

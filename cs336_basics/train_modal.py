@@ -410,7 +410,8 @@ def plan_launch(
         cfg.wandb.group = cfg.wandb.group or name  # the sweep's runs side by side in W&B
         calls.append(dict(config=config_to_dict(cfg), source=cfg.source, run_name=point.name, resume=True,
                           launch_id=uuid.uuid4().hex, **common,
-                          sweep={"name": name, "axes": args.axes, "run": point.name, "started_at": started}))
+                          sweep={"name": name, "axes": args.axes, "run": point.name, "started_at": started,
+                                 "command": list(sys.argv)}))
     if running:
         notes.append(f"note: {len(running)} run(s) of sweep {name} are recorded as running ({', '.join(running)}): if "
                      "the launch that started them is still going (`modal app list`), stop it first (`modal app stop "
@@ -795,7 +796,7 @@ def run_sweep_point(mount: str | Path, sweep: dict, *, commit: Callable[[], None
     """One run of a sweep, in its own container: train it in ``checkpoints/sweeps/<name>/<run>/``, then rewrite the
     sweep's table in the volume (:func:`publish_sweep`).
 
-    ``sweep`` is {"name", "axes", "run", "started_at"}. A run whose committed run.json says finished or diverged is
+    ``sweep`` is {"name", "axes", "run", "started_at", "command"}. A run whose committed run.json says finished or diverged is
     not trained again. A diverged run or a user error is the run's result (its row says so), not the call's failure;
     a crash is recorded as failed (table included) and raised, so that Modal retries the call, which continues the
     run from its checkpoints. Returns run_training's summary (empty when skipped) with "row" and "sweep" (the name).
@@ -821,7 +822,7 @@ def run_sweep_point(mount: str | Path, sweep: dict, *, commit: Callable[[], None
 
     def publish() -> None:
         publish_sweep(sweep_dir, points, axes, name=name, started_at=sweep.get("started_at"), commit=commit,
-                      reload=reload)
+                      reload=reload, command=sweep.get("command"))
 
     try:
         row = run_point(point, run_one, sweep_name=name, raise_crashes=True)
@@ -843,7 +844,8 @@ def _comparable(rows: Sequence[dict]) -> list[dict]:
 
 
 def publish_sweep(sweep_dir: Path, points: Sequence[Any], axes: list, *, name: str, started_at: str | None,
-                  commit: Callable[[], None], reload: Callable[[], None], rounds: int = PUBLISH_ROUNDS) -> list[dict]:
+                  commit: Callable[[], None], reload: Callable[[], None], rounds: int = PUBLISH_ROUNDS,
+                  command: Sequence[str] | None = None) -> list[dict]:
     """Rewrite sweep.json, sweep.csv and curves.png from every run's committed run.json (pending: none yet).
 
     Each run's container calls this when its run ends, so the table in the volume is complete once the last run has
@@ -859,7 +861,7 @@ def publish_sweep(sweep_dir: Path, points: Sequence[Any], axes: list, *, name: s
     for _ in range(rounds):
         reload()
         rows = read_rows(points)
-        finish_sweep(sweep_dir, rows, axes, name=name, started_at=started_at, quiet=True)
+        finish_sweep(sweep_dir, rows, axes, name=name, started_at=started_at, quiet=True, command=command)
         if not commit_with_retries(commit, "of the sweep's table", FINAL_COMMIT_ATTEMPTS):
             raise RuntimeError("could not commit the sweep's table to the volume; Modal retries the call")
         reload()  # the commit reloads too, unless Modal's server says it need not

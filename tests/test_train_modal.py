@@ -924,8 +924,11 @@ def test_a_detached_sweep_writes_its_table_in_the_volume_without_the_terminal(pr
     root, vol = project
     remote = ClientGone(Containers(root, vol))
     monkeypatch.setattr(tm, "train_remote", remote)
+    launch = ["/x/bin/modal", "run", "--detach", "cs336_basics/train_modal.py", *shlex.split(SWEEP)]
+    monkeypatch.setattr(sys, "argv", launch)
     with pytest.raises(SystemExit) as done:
         _run_main(monkeypatch, project, SWEEP, run_options={"--detach"}, remote=remote)
+    monkeypatch.setattr(sys, "argv", ["/pkg/modal/_container_entrypoint.py"])  # what the containers have
     captured = capsys.readouterr()
     assert done.value.code == 130 and "interrupted: the sweep goes on (detached)" in captured.err
     assert [c.kwargs["run_name"] for c in remote.calls] == ["max_lr=1e-2", "max_lr=1e6"]
@@ -943,6 +946,7 @@ def test_a_detached_sweep_writes_its_table_in_the_volume_without_the_terminal(pr
     assert [c.attempts for c in remote.calls] == [1, 1]  # the divergence is a result, not retried
     table = committed_table(vol)
     assert table["name"] == "lr" and table["axes"] == [["training.max_lr", ["1e-2", "1e6"]]]
+    assert table["command"] == launch  # the launch's command line, not the container's
     assert [(r["name"], r["status"]) for r in table["runs"]] == [("max_lr=1e-2", "finished"),
                                                                   ("max_lr=1e6", "diverged")]
     assert table["best"] == "max_lr=1e-2" and "diverged" in table["runs"][1]["error"]
