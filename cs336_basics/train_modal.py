@@ -121,7 +121,10 @@ def function_options(gpu: str = DEFAULT_GPU, wandb: bool = False, timeout_s: int
     (see :func:`attempt_timeout_s`), the W&B secret if logging.
 
     The GPU is declared here, not through ``with_options`` at call time: this modal client accepts a fallback list
-    only in the declaration (``with_options(gpu=...)`` takes a string).
+    only in the declaration (``with_options(gpu=...)`` takes a string). Each attempt gets a container of its own
+    (``single_use_containers``): Modal would otherwise hand a finished container the next queued input (a sweep's
+    next run, or a retry) with the previous run's process state and its view of the volume, which is stale for
+    what other containers committed since.
     """
     options: dict[str, Any] = dict(
         image=image,
@@ -129,6 +132,7 @@ def function_options(gpu: str = DEFAULT_GPU, wandb: bool = False, timeout_s: int
         volumes={MOUNT: volume},
         timeout=timeout_s,
         retries=modal.Retries(max_retries=MAX_RETRIES, initial_delay=10.0, backoff_coefficient=2.0, max_delay=60.0),
+        single_use_containers=True,
     )
     if wandb:
         options["secrets"] = [modal.Secret.from_name(WANDB_SECRET, required_keys=["WANDB_API_KEY"])]

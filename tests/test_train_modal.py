@@ -144,6 +144,7 @@ def test_declared_function_options(monkeypatch):
     (kwargs,) = recorded
     assert kwargs["gpu"] == "A10G"
     assert kwargs["timeout"] == 24 * 60 * 60
+    assert kwargs["single_use_containers"] is True  # every attempt (a sweep's runs, retries) in a fresh container
     assert isinstance(kwargs["retries"], modal.Retries) and kwargs["retries"].max_retries >= 2
     ((mount, volume),) = kwargs["volumes"].items()
     assert mount == "/vol" and isinstance(volume, modal.Volume) and volume.name == "transformer-training-vol"
