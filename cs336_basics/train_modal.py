@@ -318,12 +318,29 @@ def read_remote_record(vol: Any, path: str) -> Any:
         return None
 
 
-def remote_rows(vol: Any, points: Sequence[Any]) -> list[dict]:
-    """The sweep table's rows of ``points`` (run_dir: their folders in the volume) from their committed run.json."""
+def remote_records(vol: Any, points: Sequence[Any]) -> list[Any]:
+    """The committed run.json records of ``points`` (run_dir: their folders in the volume), None where there is none."""
     from cs336_basics.runs import RUN_FILE
+
+    return [read_remote_record(vol, f"{p.run_dir.as_posix()}/{RUN_FILE}") for p in points]
+
+
+def remote_rows(vol: Any, points: Sequence[Any]) -> list[dict]:
+    """The sweep table's rows of ``points`` from their committed run.json."""
     from cs336_basics.sweep import point_row
 
-    return [point_row(p, read_remote_record(vol, f"{p.run_dir.as_posix()}/{RUN_FILE}")) for p in points]
+    return [point_row(p, r) for p, r in zip(points, remote_records(vol, points))]
+
+
+def has_ended(record: Any, cfg: Any) -> bool:
+    """Whether a sweep's run recorded as ``record`` needs no container: it finished or diverged, or its time budget
+    ended it and the budget is unchanged (launched again, it would only write its final checkpoint again)."""
+    from cs336_basics.sweep import SKIP_STATUSES
+
+    if record is None:
+        return False
+    same_budget = (record.config.get("training") or {}).get("max_time") == cfg.training.max_time
+    return record.status in SKIP_STATUSES or (record.status == "out_of_time" and same_budget)
 
 
 @dataclass
@@ -366,11 +383,11 @@ def plan_launch(
 ) -> LaunchPlan:
     """Check the arguments, the config(s), the volume (and the W&B secret); raise UserError on the first problem.
 
-    A sweep's runs that the volume records as finished or diverged are left out (``--sweep-name`` resumes a sweep).
+    A sweep's runs that the volume records as ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
     """
     from cs336_basics.config import config_to_dict
     from cs336_basics.runs import utc_now
-    from cs336_basics.sweep import SKIP_STATUSES, default_name, plan_sweep
+    from cs336_basics.sweep import default_name, plan_sweep, point_row
 
     args = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset, sweep=sweep,
                              sweep_name=sweep_name)
@@ -404,10 +421,11 @@ def plan_launch(
 
     name = sweep_name or default_name(args.axes)
     points = plan_sweep(args.axes, sweep_folder(name))
-    rows = remote_rows(vol, points)
+    records = remote_records(vol, points)
+    rows = [point_row(p, r) for p, r in zip(points, records)]
     started, calls, running = utc_now(), [], []
-    for point, cfg, row in zip(points, args.configs, rows):
-        if row["status"] in SKIP_STATUSES:
+    for point, cfg, record, row in zip(points, args.configs, records, rows):
+        if has_ended(record, cfg):
             continue
         if row["status"] == "running":
             running.append(point.name)
@@ -522,7 +540,7 @@ def sweep_plan_lines(plan: LaunchPlan) -> list[str]:
              f"own container on {spec}, all at once; results in {sweep_folder(sweep.name)}/ of volume {VOLUME_NAME}"]
     done = [p.name for p in sweep.points if p.name not in todo]
     if done:
-        lines.append(f"  kept (already finished or diverged): {', '.join(done)}")
+        lines.append(f"  kept (ended: finished, diverged, or out of an unchanged time budget): {', '.join(done)}")
     total, priced = [0.0, 0.0], True
     for point, cfg in zip(sweep.points, sweep.configs):
         if point.name not in todo:
@@ -1106,7 +1124,7 @@ def launch_sweep(plan: LaunchPlan) -> int:
 
     sweep = plan.sweep
     if not plan.calls:
-        print(f"Every run of sweep {sweep.name} has ended (finished or diverged): nothing to launch\n")
+        print(f"Every run of sweep {sweep.name} has ended: nothing to launch\n")
         print(sweep_table(sweep.rows, sweep.axes))
         for line in sweep_result_lines(sweep.name):
             print(line)

@@ -988,7 +988,7 @@ def test_a_detached_sweep_writes_its_table_in_the_volume_without_the_terminal(pr
     third = _run_main(monkeypatch, project, SWEEP)
     assert [c.kwargs["run_name"] for c in third.calls] == ["max_lr=1e6"]
     out = capsys.readouterr().out
-    assert "kept (already finished or diverged): max_lr=1e-2" in out
+    assert "kept (ended: finished, diverged, or out of an unchanged time budget): max_lr=1e-2" in out
     assert "1 run(s) of sweep lr are recorded as running (max_lr=1e6): if the launch that started them" in out
     assert [r["status"] for r in committed_table(vol)["runs"]] == ["finished", "diverged"]
 
@@ -1175,6 +1175,15 @@ def test_a_time_budget_bounds_each_attempt_and_the_plan_says_so(project, monkeyp
     text = "\n".join(tm.sweep_plan_lines(plan))
     assert "Time budget: training.max_time=1h, 30m ends a run" in text and "after 1 h 15 min" in text
     assert tm.function_options("A10G", timeout_s=plan.timeout_s)["timeout"] == 4500
+
+    # resumed, a run its budget ended is kept while the budget is the same, and continued when it was raised
+    from cs336_basics.runs import RunRecord, write_run_record
+
+    for run, budget in (("max_time=30m", "30m"), ("max_time=1h", "20m")):
+        write_run_record(vol.root / "checkpoints" / "sweeps" / "budgets" / run, RunRecord(
+            name=run, status="out_of_time", config={"training": {"max_time": budget}}))
+    again = tm.plan_launch(vol, config_path="tiny.yaml", sweep=["training.max_time=30m,1h"], sweep_name="budgets")
+    assert [c["run_name"] for c in again.calls] == ["max_time=1h"]
 
 
 def test_sweep_helpers_for_runs_made_elsewhere(tmp_path):
