@@ -22,7 +22,7 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NoReturn
@@ -432,16 +432,18 @@ def modal_run_args(argv: list[str], script: str) -> tuple[list[str], set[str]] |
     return (argv[i + 1 :], options) if name == script else None
 
 
-def parse_cli_args(tokens: list[str], entrypoint: Callable[..., Any]) -> dict[str, Any] | None:
+def parse_cli_args(tokens: list[str], entrypoint: Callable[..., Any],
+                   repeatable: Collection[str] = ()) -> dict[str, Any] | None:
     """The keyword arguments ``modal run`` would pass ``entrypoint`` for ``tokens``; None when it would not parse them.
 
     Follows Modal's rules: ``local_path`` is ``--local-path VALUE`` (or ``--local-path=VALUE``), a bool is
     ``--force`` / ``--no-force``. Anything else (``--help``, unknown flags, missing values) gives None, and Modal's
-    own parser reports it.
+    own parser reports it. A parameter named in ``repeatable`` gets the list of every value given: Modal's parser
+    keeps only the last one of a repeated flag.
     """
     params = inspect.signature(entrypoint).parameters
     flags = {name.replace("_", "-"): p for name, p in params.items()}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {name: [] for name in repeatable}
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -459,13 +461,15 @@ def parse_cli_args(tokens: list[str], entrypoint: Callable[..., Any]) -> dict[st
             if has_value:
                 return None
             out[param.name] = True
-        elif has_value:
-            out[param.name] = value
-        elif i + 1 < len(tokens):
-            out[param.name] = tokens[i + 1]
-            i += 1
         else:
-            return None
+            if not has_value:
+                if i + 1 >= len(tokens):
+                    return None
+                value, i = tokens[i + 1], i + 1
+            if param.name in repeatable:
+                out[param.name].append(value)
+            else:
+                out[param.name] = value
         i += 1
     if any(p.default is inspect.Parameter.empty and name not in out for name, p in params.items()):
         return None
@@ -479,18 +483,19 @@ def has_credentials() -> bool:
 
 
 def check_before_connecting(argv: list[str], script: str, entrypoint: Callable[..., Any],
-                            check: Callable[..., None]) -> dict[str, Any] | None:
+                            check: Callable[..., None], repeatable: Collection[str] = ()) -> dict[str, Any] | None:
     """Under ``modal run <script>`` on this machine: check the arguments, then the credentials, before Modal connects.
 
     Runs when the script is imported (``modal run`` imports the file before it parses the arguments and connects):
     ``check(**kwargs)`` raises UserError for bad arguments; without credentials the line says to run ``modal setup``.
-    Either stops with one line and exit code 2. Returns the parsed arguments, or None when this is not such a run
-    (tests, imports, the container) or Modal's own parser is to report the arguments.
+    Either stops with one line and exit code 2. Returns the parsed arguments (lists for the ``repeatable`` ones, see
+    :func:`parse_cli_args`), or None when this is not such a run (tests, imports, the container) or Modal's own
+    parser is to report the arguments.
     """
     found = modal_run_args(argv, script)
     if found is None or not modal.is_local():
         return None
-    kwargs = parse_cli_args(found[0], entrypoint)
+    kwargs = parse_cli_args(found[0], entrypoint, repeatable)
     if kwargs is None:
         return None
     try:

@@ -15,6 +15,9 @@ far) and the curves to ``OUT_DIR/curves.png``.
 Resume: running the same sweep again with the same ``OUT_DIR`` skips every run whose ``run.json`` says ``finished``
 or ``diverged`` (the same config ends the same way) and runs the others again (interrupted, failed, out of time, or
 never started); ``run_one`` decides whether such a run continues from its last checkpoint.
+
+Runs made elsewhere (one Modal container per point) build the same table from the runs' ``run.json`` files:
+:func:`read_rows` (``pending`` for a run that has none yet), then :func:`finish_sweep`.
 """
 
 from __future__ import annotations
@@ -169,6 +172,21 @@ class SweepPoint:
         return [f"{k}={v}" for k, v in self.values.items()]
 
 
+def default_name(axes: Axes, now: float | None = None) -> str:
+    """``sweep-<last part of each key>-<UTC time>``, e.g. ``sweep-max_lr-batch_size-20260301-120000``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"sweep-{'-'.join(k.split('.')[-1] for k, _ in axes)}-{stamp}"
+
+
+def check_name(name: str) -> str:
+    """``name`` when it can name a sweep's folder (letters, digits and ``. _ + = -``, not starting with a dot or a
+    dash); otherwise a :class:`SweepError` saying so."""
+    if not name or _UNSAFE.search(name) or name[0] in ".-" or len(name) > MAX_NAME:
+        raise SweepError(f"--sweep-name {name!r}: use up to {MAX_NAME} letters, digits and . _ + = - (not starting "
+                         f"with . or -), e.g. --sweep-name {_safe(name).lstrip('.-')[:MAX_NAME] or 'lr-sweep'}")
+    return name
+
+
 def plan_sweep(axes: Axes, out_dir: str | os.PathLike, prefix: str | None = None) -> list[SweepPoint]:
     """The sweep's runs, in grid order, each in ``out_dir/<name>``."""
     points = grid(axes)
@@ -197,6 +215,16 @@ def _existing(point: SweepPoint) -> RunRecord | None:
         return read_run_record(point.run_dir / RUN_FILE)
     except RunRecordError:
         return None
+
+
+def point_row(point: SweepPoint, record: RunRecord | None) -> dict[str, Any]:
+    """A point's table row from its ``run.json`` record: its status and numbers, ``pending`` without a record."""
+    return _row(point, "pending") if record is None else _row_from_record(point, record)
+
+
+def read_rows(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    """The table rows of ``points`` from the ``run.json`` in each run folder (for runs made elsewhere, in parallel)."""
+    return [point_row(p, _existing(p)) for p in points]
 
 
 def _fill_missing(row: dict[str, Any], point: SweepPoint) -> None:
@@ -256,12 +284,14 @@ def _settle_record(point: SweepPoint, sweep_name: str, row: dict[str, Any], star
 
 
 def run_point(point: SweepPoint, run_one: RunOne, *, sweep_name: str, resume: bool = True,
-              quiet: bool = False) -> dict[str, Any]:
+              quiet: bool = False, raise_crashes: bool = False) -> dict[str, Any]:
     """Run one point (or skip it when ``resume`` and its ``run.json`` says finished/diverged); return its table row.
 
     A :class:`DivergedError` makes the row ``diverged``, another :class:`UserError` or any other exception
     ``failed``, each with its one-line message (an unexpected exception also prints its traceback unless
     ``quiet``). ``KeyboardInterrupt`` marks the run ``interrupted`` in its ``run.json`` and propagates.
+    ``raise_crashes``: an unexpected exception is recorded as ``failed`` in ``run.json`` and then propagates, for a
+    caller that retries crashes (Modal); a retry runs the point again, as a resumed sweep would.
     Safe to call in a worker process (a Modal container): the row is plain JSON-ready data.
     """
     say = (lambda *a: None) if quiet else print
@@ -269,7 +299,7 @@ def run_point(point: SweepPoint, run_one: RunOne, *, sweep_name: str, resume: bo
     if previous is not None and previous.status in SKIP_STATUSES:
         say(f"skip {point.name}: already {previous.status} ({point.run_dir / RUN_FILE})")
         return _row_from_record(point, previous, resumed=True)
-    started, t0 = utc_now(), time.time()
+    started, t0, crash = utc_now(), time.time(), None
     try:
         summary = run_one(point.overrides, point.name, point.run_dir)
         if not isinstance(summary, dict) or summary.get("status") not in FINAL_STATUSES:
@@ -285,14 +315,17 @@ def run_point(point: SweepPoint, run_one: RunOne, *, sweep_name: str, resume: bo
         _settle_record(point, sweep_name, row, started)
         raise
     except Exception as exc:  # a crash in one run (a bug, a lost GPU) must not lose the rest of the sweep
-        if not quiet:
+        if not quiet and not raise_crashes:
             traceback.print_exc()
         row = _row(point, "failed", error=one_line(f"crash: {type(exc).__name__}: {exc}"))
+        crash = exc
     if row["status"] != "finished":
         _fill_missing(row, point)
     if row["elapsed_s"] is None:
         row["elapsed_s"] = time.time() - t0
     _settle_record(point, sweep_name, row, started)
+    if crash is not None and raise_crashes:
+        raise crash
     return row
 
 
@@ -390,12 +423,17 @@ def _csv_text(rows: Sequence[dict[str, Any]], axes: Axes) -> str:
 
 
 def write_results(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axes: Axes, *, name: str,
-                  started_at: str | None = None) -> tuple[Path, Path]:
-    """Write ``sweep.json`` and ``sweep.csv`` into ``out_dir`` atomically; returns their paths."""
+                  started_at: str | None = None, command: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``sweep.json`` and ``sweep.csv`` into ``out_dir`` atomically; returns their paths.
+
+    ``command`` is the command line that launched the sweep (default ``sys.argv``; a Modal container passes the
+    launch's).
+    """
     out_dir = Path(out_dir)
     best = best_row(rows)
     data = {"name": name, "axes": [[k, list(v)] for k, v in axes], "started_at": started_at, "updated_at": utc_now(),
-            "command": list(sys.argv), "best": best["name"] if best else None, "runs": list(rows)}
+            "command": list(sys.argv if command is None else command), "best": best["name"] if best else None,
+            "runs": list(rows)}
     paths = (out_dir / SWEEP_JSON, out_dir / SWEEP_CSV)
     for path, text in zip(paths, (to_json(data), _csv_text(rows, axes))):
         with atomic_output(path) as tmp:
@@ -404,7 +442,8 @@ def write_results(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], ax
 
 
 def finish_sweep(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axes: Axes, *, name: str,
-                 plot: bool = True, started_at: str | None = None, quiet: bool = False) -> dict[str, Path | None]:
+                 plot: bool = True, started_at: str | None = None, quiet: bool = False,
+                 command: Sequence[str] | None = None) -> dict[str, Path | None]:
     """Write sweep.json / sweep.csv, draw ``curves.png`` from the runs that logged metrics, print the table.
 
     A picture that cannot be drawn (no run got far enough to log) is noted, not raised: the table matters more.
@@ -412,7 +451,7 @@ def finish_sweep(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axe
     from cs336_basics.plot import METRICS_FILE, plot_runs
 
     say = (lambda *a: None) if quiet else print
-    json_path, csv_path = write_results(out_dir, rows, axes, name=name, started_at=started_at)
+    json_path, csv_path = write_results(out_dir, rows, axes, name=name, started_at=started_at, command=command)
     curves = None
     if plot:
         dirs = [Path(r["run_dir"]) for r in rows if (Path(r["run_dir"]) / METRICS_FILE).is_file()]

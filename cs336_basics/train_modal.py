@@ -1,21 +1,29 @@
 """Train the Transformer LM on Modal GPUs, with the project's one training loop (cs336_basics/train.py).
 
-    modal run [--detach] cs336_basics/train_modal.py [--config-path cs336_basics/config.yaml] [--wandb]
+    modal run [--detach] cs336_basics/train_modal.py [--config-path cs336_basics/config.yaml | --preset NAME] [--wandb]
         [--run-name NAME] [--gpu A10G|H100|H100:8|H100,A100-80GB] [--resume] [--overrides "training.batch_size=16"]
-    modal run cs336_basics/train_modal.py --attach fc-...   # wait for a detached run again
+    modal run cs336_basics/train_modal.py --sweep training.max_lr=1e-4,3e-4 [--sweep ...] [--sweep-name NAME] ...
+    modal run cs336_basics/train_modal.py --attach fc-...[,fc-...]   # wait for detached calls again
 
 Before Modal connects, the arguments and the config are checked, then the credentials (and with ``--wandb`` the
 W&B secret); before any GPU starts, the volume must hold the configured data, matching ``model.vocab_size``. Then
 the plan (GPU, tokens, estimated time and cost) is printed and the training call is *spawned*: Modal re-runs it
-(preemption, a crash, the 24 h timeout; up to ``MAX_RETRIES`` times) on its own side, so retries happen even when
+(preemption, a crash, the timeout; up to ``MAX_RETRIES`` times) on its own side, so retries happen even when
 this terminal has gone away (``modal run --detach``). A problem a retry cannot fix (bad config or data, out of GPU
-memory, a diverged run, no CUDA) ends the call at once with its one-line message.
+memory, a diverged run, no CUDA) ends the call at once with its one-line message. An attempt may run 24 h, or, with
+a time budget (``training.max_time``), the budget plus ``BUDGET_MARGIN_S``.
 
 The volume ``transformer-training-vol`` is mounted at ``/vol``: data is read from ``/vol/data/`` (upload it with
 modal_utils.py) and checkpoints go to ``/vol/checkpoints/``, the volume committed after each one. A restarted call
-resumes by itself: each launch writes its id to ``/vol/checkpoints/.launch.json``, and an attempt that finds its own
-id there is a restart. A new launch without ``--resume`` starts from scratch after moving the previous run's files
-to ``/vol/checkpoints/previous/<UTC time>/``.
+resumes by itself: each launch writes its id to ``.launch.json`` in the run's folder, and an attempt that finds its
+own id there is a restart. A new launch without ``--resume`` starts from scratch after moving the previous run's
+files to ``/vol/checkpoints/previous/<UTC time>/``.
+
+``--sweep`` (sweep.py's grid and run names) spawns one call per run, each on its own GPU container, all at once, each
+in ``/vol/checkpoints/sweeps/<sweep name>/<run name>/`` with the same restarts. When a run ends, its container
+rewrites the sweep's table (sweep.json, sweep.csv, curves.png) in the sweep's folder from every run's run.json, so the
+table is complete after the last run even if no terminal waits. The same ``--sweep-name`` again continues a sweep:
+runs that finished or diverged are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import codecs
 import copy
 import json
+import math
 import os
 import shlex
 import shutil
@@ -32,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -43,9 +52,11 @@ import modal.exception
 
 import cs336_basics
 from cs336_basics import gpus
-from cs336_basics.common import EXIT_CRASH, EXIT_INTERRUPTED, NO_RETRY_EXIT_CODES, UserError, one_line
+from cs336_basics.common import (EXIT_CRASH, EXIT_DIVERGED, EXIT_INTERRUPTED, NO_RETRY_EXIT_CODES, DivergedError,
+                                 UserError, fmt_duration, fmt_si, one_line)
 from cs336_basics.fileio import atomic_output
 from cs336_basics.modal_utils import (
+    REMOTE_DIRS,
     VOLUME_NAME,
     check_before_connecting,
     exit_on_cli_error,
@@ -70,6 +81,14 @@ COMMIT_POLL_S = 30.0  # how often the multi-GPU watcher looks for new checkpoint
 COMMIT_ATTEMPTS = 3  # a failed commit after a checkpoint is retried, then training goes on
 FINAL_COMMIT_ATTEMPTS = 6  # the last commit must succeed
 COMMIT_RETRY_S = 2.0  # first delay between commit attempts, doubled each time
+SWEEPS_DIR = "sweeps"  # a sweep's runs go to checkpoints/sweeps/<sweep name>/<run name>/
+PUBLISH_ROUNDS = 5  # how often a sweep's container rewrites the table while other containers change it
+BUDGET_MARGIN_S = 15 * 60  # an attempt under a time budget may run this much longer: start-up, data copy, last commit
+NOT_ON_MODAL = {  # config keys Modal replaces: a sweep over them would run the same config N times
+    "data.data_dir": "on Modal the data is /data/<data.train_path> in the volume (sweep data.train_path instead)",
+    "data.checkpoint_dir": "on Modal each run of a sweep writes to /checkpoints/sweeps/<sweep name>/<run name>/",
+    "training.device": "on Modal training always runs on the GPU (cuda)",
+}
 MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}  # CUDA major -> minimum NVIDIA driver (CUDA release notes, table 3)
 
 app = modal.App("cs336-train")
@@ -97,22 +116,37 @@ class TorchrunStopped(UserError):
         self.exit_code = exit_code
 
 
-def function_options(gpu: str = DEFAULT_GPU, wandb: bool = False) -> dict[str, Any]:
-    """The ``@app.function`` options: the GPU (a type, ``TYPE:N`` or a fallback list), the W&B secret if logging.
+def function_options(gpu: str = DEFAULT_GPU, wandb: bool = False, timeout_s: int = TIMEOUT_S) -> dict[str, Any]:
+    """The ``@app.function`` options: the GPU (a type, ``TYPE:N`` or a fallback list), the timeout of one attempt
+    (see :func:`attempt_timeout_s`), the W&B secret if logging.
 
     The GPU is declared here, not through ``with_options`` at call time: this modal client accepts a fallback list
-    only in the declaration (``with_options(gpu=...)`` takes a string).
+    only in the declaration (``with_options(gpu=...)`` takes a string). Each attempt gets a container of its own
+    (``single_use_containers``): Modal would otherwise hand a finished container the next queued input (a sweep's
+    next run, or a retry) with the previous run's process state and its view of the volume, which is stale for
+    what other containers committed since.
     """
     options: dict[str, Any] = dict(
         image=image,
         gpu=gpus.parse_gpu_spec(gpu).modal_value,
         volumes={MOUNT: volume},
-        timeout=TIMEOUT_S,
+        timeout=timeout_s,
         retries=modal.Retries(max_retries=MAX_RETRIES, initial_delay=10.0, backoff_coefficient=2.0, max_delay=60.0),
+        single_use_containers=True,
     )
     if wandb:
         options["secrets"] = [modal.Secret.from_name(WANDB_SECRET, required_keys=["WANDB_API_KEY"])]
     return options
+
+
+def attempt_timeout_s(configs: Sequence[Any]) -> int:
+    """Modal's timeout for one attempt: with a time budget (``training.max_time``) in every run, the longest budget
+    plus BUDGET_MARGIN_S for start-up, copying the data and the last commit (capped at 24 h), so that an attempt
+    cannot run, and be billed, far past its budget; otherwise 24 h, Modal's maximum."""
+    budgets = [cfg.training.max_time_s for cfg in configs]
+    if not budgets or None in budgets:
+        return TIMEOUT_S
+    return min(TIMEOUT_S, math.ceil(max(budgets) + BUDGET_MARGIN_S))
 
 
 # ----------------------------------------------------------------------------- launch plan (local)
@@ -199,37 +233,138 @@ def _lookup_secret(name: str) -> Any:
     return modal.Secret.from_name(name, required_keys=["WANDB_API_KEY"]).hydrate()
 
 
-def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str = "", gpu: str = "",
-                      resume: bool = False, overrides: str = "", attach: str = "") -> tuple[Any, gpus.GPUSpec] | None:
-    """The checks that need no network: the GPU spec, the config and overrides, the batch split over the GPUs.
+@dataclass
+class LaunchArgs:
+    """The arguments, checked without the network: the GPU, the config, and for a sweep its axes and runs' configs."""
 
-    Returns (config, GPU spec), or None for ``--attach`` (which only waits for an earlier call). Raises UserError.
+    spec: gpus.GPUSpec
+    cfg: Any  # the config (a sweep's before the swept values)
+    axes: list[tuple[str, list[str]]] | None = None  # --sweep: the keys and their values (sweep.parse_sweep)
+    configs: list[Any] = field(default_factory=list)  # --sweep: each run's config, in grid order
+
+    @property
+    def timeout_s(self) -> int:
+        return attempt_timeout_s(self.configs or [self.cfg])
+
+
+def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str = "", gpu: str = "",
+                      resume: bool = False, overrides: str = "", attach: str = "", preset: str = "",
+                      sweep: str | Sequence[str] = (), sweep_name: str = "") -> LaunchArgs | None:
+    """The checks that need no network: the GPU spec, the config (``--config-path`` or ``--preset``) and overrides,
+    the batch split over the GPUs; for ``--sweep``, the specs and every run's config and batch split.
+
+    ``sweep`` is one spec (what Modal's parser passes: the last ``--sweep``) or all of them (as
+    ``modal_utils.parse_cli_args`` reads them). Returns None for ``--attach`` (which only waits for earlier calls).
+    Raises UserError.
     """
     if attach:
-        if not attach.startswith("fc-"):
-            raise PreflightError(f"--attach {attach!r}: give the call id the launch printed (it starts with fc-)")
+        if not all(call_id.strip().startswith("fc-") for call_id in attach.split(",")):
+            raise PreflightError(f"--attach {attach!r}: give the call id(s) the launch printed (each starts with fc-; "
+                                 "several separated by commas)")
         return None
-    from cs336_basics.config import check_batch_split, load_config
+    from cs336_basics.config import check_batch_split, config_path as preset_or_config, load_config
+    from cs336_basics.sweep import SweepError, check_name, parse_sweep, plan_sweep
 
     spec = gpus.parse_gpu_spec(gpu or DEFAULT_GPU)
     try:
         items = shlex.split(overrides)
     except ValueError as exc:
         raise PreflightError(f"--overrides {overrides!r}: {exc} (quote the whole list once)") from None
-    cfg = load_config(config_path or None, items)
-    check_batch_split(cfg.training.batch_size, spec.count, cfg.training.gradient_accumulation_steps,
-                      cfg.source or "config")
-    return cfg, spec
+    path = preset_or_config(config_path or None, preset or None)
+
+    def checked(extra: list[str]) -> Any:
+        cfg = load_config(path, [*items, *extra])
+        check_batch_split(cfg.training.batch_size, spec.count, cfg.training.gradient_accumulation_steps,
+                          cfg.source or "config")
+        return cfg
+
+    cfg = checked([])
+    specs = ([sweep] if sweep else []) if isinstance(sweep, str) else list(sweep)
+    if not specs:
+        if sweep_name:
+            raise SweepError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
+        return LaunchArgs(spec, cfg)
+    if run_name or resume:
+        raise SweepError("--sweep names its runs after their values and continues unfinished ones by itself: drop "
+                         "--run-name / --resume (the same --sweep-name again continues a sweep)")
+    if sweep_name:
+        check_name(sweep_name)
+    axes = parse_sweep(specs, items)
+    for key, _ in axes:
+        if key in NOT_ON_MODAL:
+            raise SweepError(f"--sweep {key}: {NOT_ON_MODAL[key]}, so its runs would all be the same")
+    configs = []
+    for point in plan_sweep(axes, "."):
+        try:
+            configs.append(checked(point.overrides))
+        except UserError as exc:
+            raise SweepError(f"sweep run {point.name}: {one_line(exc)}") from None
+    return LaunchArgs(spec, cfg, axes, configs)
+
+
+def sweep_folder(name: str) -> str:
+    """A sweep's folder in the volume: ``/checkpoints/sweeps/<name>`` (``<mount>`` + it in the containers)."""
+    return f"/{REMOTE_DIRS['checkpoint']}/{SWEEPS_DIR}/{name}"
+
+
+def read_remote_record(vol: Any, path: str) -> Any:
+    """The RunRecord of ``path`` (a run.json in the volume), or None when it is missing or unreadable."""
+    from cs336_basics.runs import RunRecord, RunRecordError
+
+    try:
+        data = json.loads(b"".join(vol.read_file(path)))
+        return RunRecord.from_dict(data, f"{path} in volume {VOLUME_NAME}")
+    except (FileNotFoundError, ValueError, RunRecordError):  # none yet, or damaged: the run runs (again)
+        return None
+
+
+def remote_records(vol: Any, points: Sequence[Any]) -> list[Any]:
+    """The committed run.json records of ``points`` (run_dir: their folders in the volume), None where there is none."""
+    from cs336_basics.runs import RUN_FILE
+
+    return [read_remote_record(vol, f"{p.run_dir.as_posix()}/{RUN_FILE}") for p in points]
+
+
+def remote_rows(vol: Any, points: Sequence[Any]) -> list[dict]:
+    """The sweep table's rows of ``points`` from their committed run.json."""
+    from cs336_basics.sweep import point_row
+
+    return [point_row(p, r) for p, r in zip(points, remote_records(vol, points))]
+
+
+def has_ended(record: Any, cfg: Any) -> bool:
+    """Whether a sweep's run recorded as ``record`` needs no container: it finished or diverged, or its time budget
+    ended it and the budget is unchanged (launched again, it would only write its final checkpoint again)."""
+    from cs336_basics.sweep import SKIP_STATUSES
+
+    if record is None:
+        return False
+    same_budget = (record.config.get("training") or {}).get("max_time") == cfg.training.max_time
+    return record.status in SKIP_STATUSES or (record.status == "out_of_time" and same_budget)
+
+
+@dataclass
+class SweepPlan:
+    """A sweep: its name, axes, runs (``run_dir``: the folder in the volume) with their configs, and each run's row as
+    the volume holds it before the launch."""
+
+    name: str
+    axes: list[tuple[str, list[str]]]
+    points: list[Any]
+    configs: list[Any]
+    rows: list[dict]
 
 
 @dataclass
 class LaunchPlan:
-    """What the local entrypoint decided: the GPU, the config, the remote call's arguments, notes to print."""
+    """What the local entrypoint decided: the GPU, the config, the arguments of each call, notes to print."""
 
     spec: gpus.GPUSpec
     cfg: Any
-    kwargs: dict[str, Any]
+    calls: list[dict[str, Any]]  # train_remote's arguments, one spawned call each (a sweep: the runs left to run)
     notes: list[str] = field(default_factory=list)
+    timeout_s: int = TIMEOUT_S
+    sweep: SweepPlan | None = None
 
 
 def plan_launch(
@@ -241,21 +376,71 @@ def plan_launch(
     wandb: bool = False,
     run_name: str = "",
     resume: bool = False,
+    preset: str = "",
+    sweep: str | Sequence[str] = (),
+    sweep_name: str = "",
     secret_lookup: Callable[[str], Any] | None = None,
 ) -> LaunchPlan:
-    """Check the arguments, the config, the volume (and the W&B secret); raise UserError on the first problem."""
-    from cs336_basics.config import config_to_dict
+    """Check the arguments, the config(s), the volume (and the W&B secret); raise UserError on the first problem.
 
-    cfg, spec = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides)
-    notes = preflight(vol, cfg, resume=resume)
+    A sweep's runs that the volume records as ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
+    """
+    from cs336_basics.config import config_to_dict
+    from cs336_basics.runs import utc_now
+    from cs336_basics.sweep import default_name, plan_sweep, point_row
+
+    args = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset, sweep=sweep,
+                             sweep_name=sweep_name)
+    configs = args.configs or [args.cfg]
+    notes: list[str] = []
+    checked = set()
+    for i, cfg in enumerate(configs):  # the data once (once per data files and vocabulary a sweep tries)
+        key = (cfg.data.train_path, cfg.data.val_path, cfg.model.vocab_size, cfg.model.context_length)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            notes += [n for n in preflight(vol, cfg, resume=resume or args.axes is not None) if n not in notes]
+        except UserError as exc:
+            if args.axes is None or i == 0:
+                raise
+            name = plan_sweep(args.axes, ".")[i].name
+            raise PreflightError(f"sweep run {name}: {one_line(exc)}") from None
     if wandb and secret_lookup is not None:
         check_wandb_secret(secret_lookup)
-    if cfg.training.device not in ("auto", "cuda"):
-        notes.append(f"note: training.device={cfg.training.device} is replaced by cuda on Modal (the GPU is what is billed)")
-    cfg.training.device = "cuda"  # never train on the CPU while a GPU is billed
-    kwargs = dict(config=config_to_dict(cfg), source=cfg.source, wandb=wandb, run_name=run_name or None,
-                  resume=resume, launch_id=uuid.uuid4().hex, nproc=spec.count, gpu=str(spec))
-    return LaunchPlan(spec=spec, cfg=cfg, kwargs=kwargs, notes=notes)
+    for cfg in configs:
+        note = f"note: training.device={cfg.training.device} is replaced by cuda on Modal (the GPU is what is billed)"
+        if cfg.training.device not in ("auto", "cuda") and note not in notes:
+            notes.append(note)
+        cfg.training.device = "cuda"  # never train on the CPU while a GPU is billed
+    common = dict(wandb=wandb, nproc=args.spec.count, gpu=str(args.spec))
+    if args.axes is None:
+        call = dict(config=config_to_dict(args.cfg), source=args.cfg.source, run_name=run_name or None,
+                    resume=resume, launch_id=uuid.uuid4().hex, **common)
+        return LaunchPlan(args.spec, args.cfg, [call], notes, args.timeout_s)
+
+    name = sweep_name or default_name(args.axes)
+    points = plan_sweep(args.axes, sweep_folder(name))
+    records = remote_records(vol, points)
+    rows = [point_row(p, r) for p, r in zip(points, records)]
+    started, calls, running = utc_now(), [], []
+    for point, cfg, record, row in zip(points, args.configs, records, rows):
+        if has_ended(record, cfg):
+            continue
+        if row["status"] == "running":
+            running.append(point.name)
+        cfg.wandb.group = cfg.wandb.group or name  # the sweep's runs side by side in W&B
+        calls.append(dict(config=config_to_dict(cfg), source=cfg.source, run_name=point.name, resume=True,
+                          launch_id=uuid.uuid4().hex, **common,
+                          sweep={"name": name, "axes": args.axes, "run": point.name, "started_at": started,
+                                 "command": list(sys.argv)}))
+    if running:
+        notes.append(f"note: {len(running)} run(s) of sweep {name} are recorded as running ({', '.join(running)}): if "
+                     "the launch that started them is still going (`modal app list`), stop it first (`modal app stop "
+                     "<app id>`), or both write to the same folders; otherwise they continue from their last "
+                     "committed checkpoint")
+    return LaunchPlan(args.spec, args.cfg, calls, notes, args.timeout_s,
+                      SweepPlan(name, args.axes, points, args.configs, rows))
 
 
 def model_flops_per_token(model_cfg: Any) -> float:
@@ -265,39 +450,125 @@ def model_flops_per_token(model_cfg: Any) -> float:
     return float(TransformerLM(model_cfg, device="meta").flops_per_token())
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds % 3600 == 0 else fmt_duration(seconds)
+
+
 def _hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def _tokens(cfg: Any) -> int:
+    t = cfg.training
+    return t.max_iters * t.batch_size * cfg.model.context_length
+
+
+def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
+             count: int) -> tuple[str, tuple[float, float] | None]:
+    """What ``cfg``'s run would take on ``count`` x ``gpu`` in words, and its cost range in US$ (None: no estimate).
+
+    The time is its FLOPs at the GPU's dense peak and gpus.PLAN_MFU; a time budget (training.max_time) caps it.
+    """
+    t = cfg.training
+    tokens = _tokens(cfg)
+    price = gpus.hourly_price(gpu, count)
+    priced = "no price in cs336_basics/gpus.py: see https://modal.com/pricing" if price is None else f"${price:.2f}/h"
+    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, "tf32" if t.dtype == "float32" else "bf16")
+    if hours is None:
+        return f"no time estimate (no peak FLOP/s for it in cs336_basics/gpus.py); {priced}", None
+    fast, slow = hours
+    budget = t.max_time_s / 3600 if t.max_time_s else math.inf
+    low, high = min(fast, budget), min(slow, budget)
+    if fast >= budget:
+        text = (f"the {_hours(budget)} budget ends it, after about {fmt_si(tokens * budget / slow)} to "
+                f"{fmt_si(tokens * budget / fast)} tokens")
+    else:
+        text = f"about {_hours(low)} to {_hours(high)}" + (" (or the budget ends it)" if slow > budget else "")
+    if price is None:
+        return f"{text}; {priced}", None
+    money = f"${high * price:,.2f}" if low == high else f"${low * price:,.2f} to ${high * price:,.2f}"
+    return f"{text}, {money} at {priced}", (low * price, high * price)
+
+
+def budget_line(configs: Sequence[Any], timeout_s: int) -> str | None:
+    """The plan's line about the time budget(s), or None when no run has one."""
+    budgets = sorted({cfg.training.max_time for cfg in configs if cfg.training.max_time})
+    if not budgets:
+        return None
+    stop = (f"Modal stops an attempt after {_duration(timeout_s)} (the budget plus {BUDGET_MARGIN_S // 60} min for "
+            "start-up, copying the data and the last commit)" if timeout_s < TIMEOUT_S else
+            "runs without one may take up to 24 h per attempt")
+    return (f"Time budget: training.max_time={', '.join(budgets)} ends a run, final evaluation and checkpoint "
+            f"included, whatever training.max_iters says; {stop}")
+
+
+def _assumptions(spec: gpus.GPUSpec) -> str:
+    low, high = gpus.PLAN_MFU
+    scaling = (f", and {spec.count} GPUs {spec.count}x as fast as one (a small model scales worse)"
+               if spec.count > 1 else "")
+    return (f"  (estimates assume {low:.0%} to {high:.0%} MFU{scaling}; GPU prices are Modal's list prices as of "
+            f"{gpus.PRICES_AS_OF}, CPU and memory are billed on top; a resumed run needs less)")
 
 
 def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
     """The plan printed before launching: tokens and FLOPs, then time and cost per GPU choice (gpus.py's table)."""
     t, m = cfg.training, cfg.model
-    tokens = t.max_iters * t.batch_size * m.context_length
+    tokens = _tokens(cfg)
+    budget = budget_line([cfg], attempt_timeout_s([cfg]))
     try:
-        flops = tokens * model_flops_per_token(m)
+        flops_per_token = model_flops_per_token(m)
     except ImportError:  # a `modal` installed without torch: no FLOPs, so no estimate
         return [f"Plan: {t.max_iters:,} iterations, {tokens:,} tokens, on {spec} (install torch here for an estimate "
-                "of time and cost)"]
+                "of time and cost)"] + ([budget] if budget else [])
     precision = "tf32" if t.dtype == "float32" else "bf16"
     lines = [f"Plan: {t.max_iters:,} iterations x {t.batch_size * m.context_length:,} tokens = {tokens:,} tokens, "
-             f"{flops:.2e} FLOPs ({precision}), on {spec}" + (" (Modal tries them in this order)" if len(spec.choices) > 1 else "")]
+             f"{tokens * flops_per_token:.2e} FLOPs ({precision}), on {spec}"
+             + (" (Modal tries them in this order)" if len(spec.choices) > 1 else "")]
+    if budget:
+        lines.append(budget)
     for gpu in spec.choices:
-        label = f"  {gpu.name} x{spec.count} ({gpu.memory_gb} GB each)"
-        price = gpus.hourly_price(gpu, spec.count)
-        hours = gpus.estimate_hours(flops, gpu, spec.count, precision)
-        cost = (f"${price:.2f}/h" if price is not None else "no price in cs336_basics/gpus.py: see https://modal.com/pricing")
-        if hours is None:
-            lines.append(f"{label}: no time estimate (no peak FLOP/s for it in cs336_basics/gpus.py); {cost}")
-        elif price is None:
-            lines.append(f"{label}: about {_hours(hours[0])} to {_hours(hours[1])}; {cost}")
-        else:
-            lines.append(f"{label}: about {_hours(hours[0])} to {_hours(hours[1])}, ${hours[0] * price:,.2f} to "
-                         f"${hours[1] * price:,.2f} at {cost}")
-    low, high = gpus.PLAN_MFU
-    scaling = f", and {spec.count} GPUs {spec.count}x as fast as one (a small model scales worse)" if spec.count > 1 else ""
-    lines.append(f"  (estimates assume {low:.0%} to {high:.0%} MFU{scaling}; GPU prices are Modal's list prices as of "
-                 f"{gpus.PRICES_AS_OF}, CPU and memory are billed on top; a resumed run needs less)")
-    return lines
+        text, _ = estimate(cfg, flops_per_token, gpu, spec.count)
+        lines.append(f"  {gpu.name} x{spec.count} ({gpu.memory_gb} GB each): {text}")
+    return lines + [_assumptions(spec)]
+
+
+def sweep_plan_lines(plan: LaunchPlan) -> list[str]:
+    """A sweep's plan: its runs, the time and cost of each on the first GPU choice, and the total."""
+    sweep, spec = plan.sweep, plan.spec
+    gpu, todo = spec.choices[0], {call["run_name"] for call in plan.calls}
+    lines = [f"Sweep {sweep.name}: {len(sweep.points)} run(s) over {', '.join(k for k, _ in sweep.axes)}, each in its "
+             f"own container on {spec}, all at once; results in {sweep_folder(sweep.name)}/ of volume {VOLUME_NAME}"]
+    done = [p.name for p in sweep.points if p.name not in todo]
+    if done:
+        lines.append(f"  kept (ended: finished, diverged, or out of an unchanged time budget): {', '.join(done)}")
+    total, priced = [0.0, 0.0], True
+    for point, cfg in zip(sweep.points, sweep.configs):
+        if point.name not in todo:
+            continue
+        try:
+            text, cost = estimate(cfg, model_flops_per_token(cfg.model), gpu, spec.count)
+        except ImportError:
+            text, cost = "install torch here for an estimate of time and cost", None
+        lines.append(f"  {point.name}: {fmt_si(_tokens(cfg))} tokens; {text}")
+        priced = priced and cost is not None
+        if cost is not None:
+            total = [total[0] + cost[0], total[1] + cost[1]]
+    if todo and priced:
+        lines.append(f"Total for {len(todo)} run(s) on {gpu.name} x{spec.count}: about ${total[0]:,.2f} to "
+                     f"${total[1]:,.2f}; the runs go on at the same time, so the sweep takes about as long as its "
+                     "longest run (when Modal has that many GPUs free)"
+                     + (f" (estimated for {gpu.name}, the first GPU choice)" if len(spec.choices) > 1 else ""))
+    budget = budget_line(sweep.configs, plan.timeout_s)
+    return lines + ([budget] if budget else []) + [_assumptions(spec)]
+
+
+def _price(result: dict) -> tuple[gpus.GPUSpec, gpus.ModalGPU, float | None] | None:
+    """The --gpu of a finished call, the table row and the hourly price it was billed at; None for an unknown --gpu."""
+    try:
+        spec = gpus.parse_gpu_spec(result.get("gpu") or "")
+    except gpus.GPUSpecError:
+        return None
+    return (spec, *gpus.price_for(spec, result.get("device_name")))
 
 
 def cost_line(result: dict) -> str:
@@ -307,15 +578,28 @@ def cost_line(result: dict) -> str:
     device = result.get("device_name") or "unknown device"
     where = f"{attempts} attempt(s)" if attempts > 1 else "1 attempt"
     text = f"{timedelta(seconds=int(elapsed))} on {result.get('gpu_count', 1)}x {device} over {where}"
-    try:
-        spec = gpus.parse_gpu_spec(result.get("gpu") or "")
-    except gpus.GPUSpecError:
+    found = _price(result)
+    if found is None:
         return f"Time: {text}"
-    row, price = gpus.price_for(spec, device)
+    spec, row, price = found
     if price is None:
         return f"Time: {text}; no {row.name} price in cs336_basics/gpus.py (see https://modal.com/pricing)"
     return (f"Time and cost: {text}, about ${elapsed / 3600 * price:,.2f} at ${price:.2f}/h for {row.name} "
             f"x{spec.count} (Modal list price as of {gpus.PRICES_AS_OF}; CPU and memory extra)")
+
+
+def total_cost_line(results: Sequence[dict]) -> str | None:
+    """Measured GPU time and cost over a sweep's calls, each at its GPU's price; None when none trained."""
+    ran = [r for r in results if r.get("wall_s")]
+    if not ran:
+        return None
+    gpu_hours = sum(float(r["wall_s"]) * int(r.get("gpu_count") or 1) for r in ran) / 3600
+    longest = timedelta(seconds=int(max(float(r["wall_s"]) for r in ran)))
+    prices = [(_price(r) or (None, None, None))[2] for r in ran]
+    money = (f", about ${sum(float(r['wall_s']) / 3600 * p for r, p in zip(ran, prices)):,.2f} (Modal list prices as "
+             f"of {gpus.PRICES_AS_OF}; CPU and memory extra)" if None not in prices else
+             " (no price for its GPU in cs336_basics/gpus.py: see https://modal.com/pricing)")
+    return f"Time and cost of {len(ran)} run(s): {gpu_hours:.2f} GPU-hours, the longest run {longest}{money}"
 
 
 # ----------------------------------------------------------------------------- remote body
@@ -453,22 +737,31 @@ def run_training(
     nproc: int = 1,
     gpu: str = "",
     poll_s: float | None = None,
+    run_dir: str = "",
 ) -> dict:
-    """The body of the Modal function: train on ``mount``/data into ``mount``/checkpoints, committing as it goes.
+    """The body of the Modal function: train on ``mount``/data into ``mount``/checkpoints (or its subfolder
+    ``run_dir``, a sweep's run), committing as it goes.
 
     A plain function (the volume is the folder ``mount`` and the ``commit`` callback) so tests run it as it runs in
     the container. Returns train.train's summary plus "resumed", "gpu", "gpu_count", "device_name", "wall_s" (since
     the first attempt started) and "attempts";
-    or {"error": one line, "exit_code": 2 or 3} for a problem a retry cannot fix, which ends the call without one.
+    or {"error": one line, "exit_code": 2 or 3, and those five} for a problem a retry cannot fix, which ends the call
+    without one.
     Anything else (a crash, a preemption, a final commit that keeps failing) raises, and Modal retries.
     """
     from cs336_basics.config import config_from_dict
     from cs336_basics.train import find_latest_checkpoint, train
 
     started = time.time()
+    attempts = [started]
     mount = Path(mount)
     raw = copy.deepcopy(config)
-    raw.setdefault("data", {}).update(data_dir=str(mount / "data"), checkpoint_dir=str(mount / "checkpoints"))
+    raw.setdefault("data", {}).update(data_dir=str(mount / "data"), checkpoint_dir=str(mount / "checkpoints" / run_dir))
+
+    def billed() -> dict:  # what cost_line needs
+        return {"gpu": gpu, "gpu_count": nproc, "device_name": _device_name(), "wall_s": time.time() - attempts[0],
+                "attempts": len(attempts)}
+
     try:
         cfg = config_from_dict(raw, source=source or "config")
         if cfg.training.device.startswith("cuda"):
@@ -479,7 +772,6 @@ def run_training(
             archived = archive_previous_run(ckpt_dir)
             if archived is not None:
                 print(f"[train_modal] moved the previous run's files to {archived}/", flush=True)
-        attempts = [started]
         if launch_id:
             attempts = record_attempt(ckpt_dir, launch_id, restart, started)
             # A restart runs on a new machine that must find the claim, or it would start over: fail without it.
@@ -507,17 +799,113 @@ def run_training(
                                       poll_s=poll_s or COMMIT_POLL_S)
     except UserError as exc:
         print(f"[train_modal] error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return {"error": one_line(exc), "exit_code": exc.exit_code}
+        return {"error": one_line(exc), "exit_code": exc.exit_code, **billed()}
     if not commit_with_retries(commit, "of the final checkpoint", FINAL_COMMIT_ATTEMPTS):
         raise RuntimeError(
             f"training finished but committing the volume failed {FINAL_COMMIT_ATTEMPTS} times: the checkpoints "
             f"written since the last successful commit (including {result.get('checkpoint')}) are NOT persisted; "
             "Modal retries the call, which resumes from the last committed checkpoint"
         )
-    summary = {**result, "resumed": latest is not None, "gpu": gpu, "gpu_count": nproc, "device_name": _device_name(),
-               "wall_s": time.time() - attempts[0], "attempts": len(attempts)}
+    summary = {**result, "resumed": latest is not None, **billed()}
     print(f"[train_modal] {cost_line(summary)}", flush=True)
     return summary
+
+
+def run_sweep_point(mount: str | Path, sweep: dict, *, commit: Callable[[], None], reload: Callable[[], None],
+                    config: dict, source: str | None = None, wandb: bool = False, run_name: str | None = None,
+                    resume: bool = True, launch_id: str = "", nproc: int = 1, gpu: str = "",
+                    poll_s: float | None = None) -> dict:
+    """One run of a sweep, in its own container: train it in ``checkpoints/sweeps/<name>/<run>/``, then rewrite the
+    sweep's table in the volume (:func:`publish_sweep`).
+
+    ``sweep`` is {"name", "axes", "run", "started_at", "command"}. A run whose committed run.json says finished or diverged is
+    not trained again. A diverged run or a user error is the run's result (its row says so), not the call's failure;
+    a crash is recorded as failed (table included) and raised, so that Modal retries the call, which continues the
+    run from its checkpoints. Returns run_training's summary (empty when skipped) with "row" and "sweep" (the name).
+    """
+    from cs336_basics.sweep import plan_sweep, run_point
+
+    del run_name, resume  # a sweep's run is named after its values, and always continues from its checkpoints
+    mount, name = Path(mount), sweep["name"]
+    axes = [(key, list(values)) for key, values in sweep["axes"]]
+    sweep_dir = mount / "checkpoints" / SWEEPS_DIR / name
+    points = plan_sweep(axes, sweep_dir)
+    point = next(p for p in points if p.name == sweep["run"])
+    summary: dict = {}
+
+    def run_one(overrides: list[str], run: str, run_dir: Path) -> dict:
+        result = run_training(mount, config, commit=commit, source=source, wandb=wandb, run_name=run, resume=True,
+                              launch_id=launch_id, nproc=nproc, gpu=gpu, poll_s=poll_s,
+                              run_dir=run_dir.relative_to(mount / "checkpoints").as_posix())
+        summary.update({k: v for k, v in result.items() if k not in ("error", "exit_code")})  # its time and cost
+        if "error" in result:
+            raise (DivergedError if result["exit_code"] == EXIT_DIVERGED else UserError)(result["error"])
+        return result
+
+    def publish() -> None:
+        publish_sweep(sweep_dir, points, axes, name=name, started_at=sweep.get("started_at"), commit=commit,
+                      reload=reload, command=sweep.get("command"))
+
+    try:
+        row = run_point(point, run_one, sweep_name=name, raise_crashes=True)
+    except Exception:
+        try:  # should Modal have no retry left, the table says how this run ended
+            publish()
+        except Exception as exc:
+            print(f"[train_modal] warning: could not rewrite the sweep's table ({one_line(exc)})", file=sys.stderr)
+        raise
+    publish()
+    return {**summary, "row": row, "sweep": name}
+
+
+def _comparable(rows: Sequence[dict]) -> list[dict]:
+    """Rows as sweep.json stores them, without run_dir (each container has its own mount point)."""
+    from cs336_basics.runs import to_json
+
+    return [{k: v for k, v in row.items() if k != "run_dir"} for row in json.loads(to_json(list(rows)))]
+
+
+def publish_sweep(sweep_dir: Path, points: Sequence[Any], axes: list, *, name: str, started_at: str | None,
+                  commit: Callable[[], None], reload: Callable[[], None], rounds: int = PUBLISH_ROUNDS,
+                  command: Sequence[str] | None = None) -> list[dict]:
+    """Rewrite sweep.json, sweep.csv and curves.png from every run's committed run.json (pending: none yet).
+
+    Each run's container calls this when its run ends, so the table in the volume is complete once the last run has
+    ended, whether or not a terminal waits (``modal run --detach``). Two containers ending together may each miss the
+    other's result, and Modal keeps the last commit of a file whole: so after committing the table, the container
+    reloads and compares the committed table with the committed runs, and writes it again until they agree. The
+    last container to commit is sure to see every result.
+    """
+    from cs336_basics.sweep import SWEEP_JSON, finish_sweep, read_rows, sweep_table
+
+    if not commit_with_retries(commit, "of the run's record", FINAL_COMMIT_ATTEMPTS):
+        raise RuntimeError("could not commit the run's record to the volume; Modal retries the call")
+    for _ in range(rounds):
+        reload()
+        rows = read_rows(points)
+        finish_sweep(sweep_dir, rows, axes, name=name, started_at=started_at, quiet=True, command=command)
+        if not commit_with_retries(commit, "of the sweep's table", FINAL_COMMIT_ATTEMPTS):
+            raise RuntimeError("could not commit the sweep's table to the volume; Modal retries the call")
+        reload()  # the commit reloads too, unless Modal's server says it need not
+        try:
+            committed = json.loads((sweep_dir / SWEEP_JSON).read_text(encoding="utf-8"))["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            committed = None
+        if committed is not None and _comparable(committed) == _comparable(read_rows(points)):
+            break
+    else:
+        print(f"[train_modal] warning: the table of sweep {name} changed {rounds} times while it was written; the "
+              "next run to end writes it again", file=sys.stderr, flush=True)
+    print(f"[train_modal] sweep {name}, {sweep_dir}:\n{sweep_table(rows, axes)}", flush=True)
+    return rows
+
+
+def remote_body(mount: str | Path, *, commit: Callable[[], None], reload: Callable[[], None],
+                sweep: dict | None = None, **kwargs: Any) -> dict:
+    """What the Modal function runs: a training run (:func:`run_training`) or one run of a sweep."""
+    if sweep is None:
+        return run_training(mount, commit=commit, **kwargs)
+    return run_sweep_point(mount, sweep, commit=commit, reload=reload, **kwargs)
 
 
 def torchrun_command(config_file: Path, nproc: int, *, wandb: bool, run_name: str | None, resume: bool) -> list[str]:
@@ -672,18 +1060,133 @@ def report(result: dict) -> int:
     return 0
 
 
+def sweep_result_lines(name: str) -> list[str]:
+    """Where a sweep's results are and how to get them."""
+    folder = f"{SWEEPS_DIR}/{name}"
+    return [
+        f"Results: {sweep_folder(name)}/ in volume {VOLUME_NAME}: sweep.json, sweep.csv, curves.png and a folder per "
+        "run (checkpoints, metrics.jsonl, run.json); each run rewrites the table when it ends",
+        "  list them:     modal run cs336_basics/modal_utils.py --action list --data-type checkpoint",
+        f"  the table:     modal run cs336_basics/modal_utils.py --action download --remote-name {folder}/sweep.csv "
+        f"--local-path checkpoints/{folder}/sweep.csv   (likewise curves.png, sweep.json)",
+        f"  everything:    mkdir -p checkpoints/{SWEEPS_DIR} && modal volume get {VOLUME_NAME} {sweep_folder(name)} "
+        f"checkpoints/{SWEEPS_DIR}",
+    ]
+
+
+def _point_line(row: dict) -> str:
+    return f"{row['name']}: {row['status']}" + (f": {row['error']}" if row.get("error") else "")
+
+
+def _detached() -> bool:
+    return bool(RUN_OPTIONS & {"-d", "--detach"})
+
+
 def _follow_lines(call_id: str) -> list[str]:
     app_id = getattr(app, "app_id", None)
     logs = f"modal app logs -f {app_id}" if app_id else "modal app logs -f <app id>"
-    detached = bool(RUN_OPTIONS & {"-d", "--detach"})
     lines = [f"Training call {call_id}: follow it with `{logs}` or on https://modal.com/apps"]
-    if detached:
+    if _detached():
         lines.append("Detached: closing this terminal does not stop training, and Modal still retries it; wait for it "
                      f"again with `modal run cs336_basics/train_modal.py --attach {call_id}`")
     else:
         lines.append("Ctrl-C or closing this terminal stops the run; launch with `modal run --detach ...` to let it "
                      "go on without this terminal")
     return lines
+
+
+def launch_run(plan: LaunchPlan) -> int:
+    """Spawn the training call, wait for it, print its outcome; returns the exit code."""
+    print(f"Launching on {plan.spec} (volume {VOLUME_NAME} at {MOUNT}; up to {_duration(plan.timeout_s)} per "
+          f"attempt, {MAX_RETRIES} retries, each resuming from the latest committed checkpoint)", flush=True)
+    call = train_remote.spawn(**plan.calls[0])
+    for line in _follow_lines(call.object_id):
+        print(line, flush=True)
+    return report(call.get())
+
+
+def _wait(call: Any, label: str, hint: str) -> dict | None:
+    """``call.get()``, or None after one line saying the call failed on Modal after its retries (a sweep goes on)."""
+    try:
+        return call.get()
+    except (modal.exception.AuthError, modal.exception.ConnectionError, modal.exception.NotFoundError):
+        raise
+    except Exception as exc:  # the run's run.json and the sweep's table say how it ended
+        print(f"{label}: the call failed on Modal after its retries ({one_line(exc)}); `modal app logs` shows why; "
+              f"{hint}", flush=True)
+        return None
+
+
+def launch_sweep(plan: LaunchPlan) -> int:
+    """Spawn one call per run left in the sweep, wait for them all, print the table; returns the exit code (0: a
+    diverged or failed run is a result of the sweep)."""
+    from cs336_basics.sweep import sweep_table
+
+    sweep = plan.sweep
+    if not plan.calls:
+        print(f"Every run of sweep {sweep.name} has ended: nothing to launch\n")
+        print(sweep_table(sweep.rows, sweep.axes))
+        for line in sweep_result_lines(sweep.name):
+            print(line)
+        return 0
+    print(f"Launching {len(plan.calls)} run(s) on {plan.spec}, one container each (up to {_duration(plan.timeout_s)} "
+          f"per attempt, {MAX_RETRIES} retries each, resuming from the run's latest committed checkpoint)", flush=True)
+    calls = [(kwargs["run_name"], train_remote.spawn(**kwargs)) for kwargs in plan.calls]
+    app_id = getattr(app, "app_id", None)
+    print(f"Calls: {', '.join(f'{name} {call.object_id}' for name, call in calls)}; follow them with "
+          f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps", flush=True)
+    ids = ",".join(call.object_id for _, call in calls)
+    if _detached():
+        print("Detached: closing this terminal does not stop the sweep, and Modal still retries its runs; each run "
+              f"rewrites the table in the volume when it ends; wait for them again with `modal run "
+              f"cs336_basics/train_modal.py --attach {ids}`", flush=True)
+    else:
+        print("Ctrl-C or closing this terminal stops the sweep; launch with `modal run --detach ...` to let it go on "
+              "without this terminal", flush=True)
+    results = []
+    for i, (name, call) in enumerate(calls):
+        result = _wait(call, f"[{i + 1}/{len(calls)}] {name}", f"the same --sweep-name {sweep.name} runs it again")
+        if result is not None:
+            results.append(result)
+            print(f"[{i + 1}/{len(calls)}] {_point_line(result['row'])}", flush=True)
+    print("\n" + sweep_table(remote_rows(volume, sweep.points), sweep.axes))
+    for line in filter(None, [total_cost_line(results), *sweep_result_lines(sweep.name)]):
+        print(line)
+    return 0
+
+
+def attach_calls(call_ids: list[str]) -> int:
+    """Wait for earlier calls (a run, or the runs of a sweep) and print their outcome; returns the exit code."""
+    from cs336_basics.sweep import sweep_table
+
+    results = []
+    for call_id in call_ids:
+        print(f"Waiting for {call_id} (Ctrl-C stops waiting; the run goes on)", flush=True)
+        try:
+            call = modal.FunctionCall.from_id(call_id)
+            result = call.get() if len(call_ids) == 1 else _wait(call, call_id, "its sweep's table says how it ended")
+        except modal.exception.NotFoundError as exc:
+            fail(f"error: no training call {call_id} ({one_line(exc)}): use the call id a launch printed")
+        if result is not None:
+            results.append(result)
+    rows = [r["row"] for r in results if "row" in r]
+    if not rows:
+        return max((report(r) for r in results), default=EXIT_CRASH)
+    for row in rows:
+        print(_point_line(row))
+    print("\n" + sweep_table(rows, [(key, []) for key in rows[0]["values"]]))
+    names = sorted({r["sweep"] for r in results if r.get("sweep")})
+    for line in filter(None, [total_cost_line(results), *(line for n in names for line in sweep_result_lines(n))]):
+        print(line)
+    return 0
+
+
+def sweep_specs(sweep: str) -> list[str]:
+    """Every ``--sweep`` given: Modal's parser passes only the last one, the command line (LAUNCH_ARGS) holds all."""
+    given = (LAUNCH_ARGS or {}).get("sweep") or []
+    if sweep and given and given[-1] == sweep:
+        return list(given)
+    return [sweep] if sweep else []
 
 
 def main(
@@ -694,72 +1197,74 @@ def main(
     resume: bool = False,
     overrides: str = "",
     attach: str = "",
+    preset: str = "",
+    sweep: str = "",
+    sweep_name: str = "",
 ) -> None:
-    """Check the config and the volume, then train on Modal GPUs (``--gpu``, else DEFAULT_GPU); or wait for a run."""
+    """Check the config and the volume, then train on Modal GPUs (``--gpu``, else DEFAULT_GPU): one run, or with
+    ``--sweep`` one run per combination of values, in parallel; or wait for earlier calls (``--attach``)."""
+    what, stopped = "run", "the run stops; checkpoints committed so far are kept: continue with --resume"
     try:
         if attach:
             check_launch_args(attach=attach)
-            call = modal.FunctionCall.from_id(attach)
-            print(f"Waiting for {attach} (Ctrl-C stops waiting; the run goes on)", flush=True)
+            code = attach_calls([call_id.strip() for call_id in attach.split(",")])
         else:
             plan = plan_launch(volume, config_path=config_path, overrides=overrides, gpu=gpu, wandb=wandb,
-                               run_name=run_name, resume=resume, secret_lookup=_lookup_secret)
-            declared = FUNCTION_OPTIONS["gpu"]
-            if plan.spec.modal_value != declared or wandb != ("secrets" in FUNCTION_OPTIONS):
-                raise PreflightError(f"this app was declared with gpu={declared} and W&B "
-                                     f"{'on' if 'secrets' in FUNCTION_OPTIONS else 'off'}: pass --gpu and --wandb on "
-                                     "the `modal run cs336_basics/train_modal.py` command line")
-            for line in plan.notes + plan_lines(plan.cfg, plan.spec):
+                               run_name=run_name, resume=resume, preset=preset, sweep=sweep_specs(sweep),
+                               sweep_name=sweep_name, secret_lookup=_lookup_secret)
+            declared = (FUNCTION_OPTIONS["gpu"], "secrets" in FUNCTION_OPTIONS, FUNCTION_OPTIONS["timeout"])
+            if (plan.spec.modal_value, wandb, plan.timeout_s) != declared:
+                raise PreflightError(f"this app was declared with gpu={declared[0]}, W&B "
+                                     f"{'on' if declared[1] else 'off'} and a {declared[2]} s timeout: pass --gpu, "
+                                     "--wandb and the config on the `modal run cs336_basics/train_modal.py` command "
+                                     "line")
+            if plan.sweep is not None:
+                what, stopped = "sweep", (f"the sweep stops; its runs' committed checkpoints are kept: continue it "
+                                          f"with the same command and --sweep-name {plan.sweep.name}")
+            for line in plan.notes + (sweep_plan_lines(plan) if plan.sweep else plan_lines(plan.cfg, plan.spec)):
                 print(line)
-            print(f"Launching on {plan.spec} (volume {VOLUME_NAME} at {MOUNT}; up to {TIMEOUT_S // 3600} h per "
-                  f"attempt, {MAX_RETRIES} retries, each resuming from the latest committed checkpoint)", flush=True)
-            call = train_remote.spawn(**plan.kwargs)
-            for line in _follow_lines(call.object_id):
-                print(line, flush=True)
-        result = call.get()
+            code = launch_sweep(plan) if plan.sweep else launch_run(plan)
     except KeyboardInterrupt:
-        detached = bool(RUN_OPTIONS & {"-d", "--detach"}) or attach
-        fail("interrupted: " + ("the run goes on (detached)" if detached else
-                                "the run stops; checkpoints committed so far are kept: continue with --resume"),
+        fail("interrupted: " + (f"the {what} goes on (detached)" if _detached() or attach else stopped),
              EXIT_INTERRUPTED)
     except Exception as exc:
-        if attach and isinstance(exc, modal.exception.NotFoundError):
-            fail(f"error: no training call {attach} ({one_line(exc)}): use the call id a launch printed")
         exit_on_cli_error(exc)
-        print("error: the training call failed on Modal after its retries (traceback below); checkpoints committed "
-              "so far are in /checkpoints/: continue with --resume", file=sys.stderr, flush=True)
+        if what == "run":
+            print("error: the training call failed on Modal after its retries (traceback below); checkpoints "
+                  "committed so far are in /checkpoints/: continue with --resume", file=sys.stderr, flush=True)
         raise
-    code = report(result)
     if code:
         raise SystemExit(code)
 
 
 # Under `modal run`, check the arguments and the config, then the credentials and the W&B secret, before Modal
-# connects (it imports this file first); the GPU and the secret must be known here, where the function is declared.
-LAUNCH_ARGS = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args)
+# connects (it imports this file first); the GPU, the secret and the timeout must be known here, where the function
+# is declared. Every --sweep counts: Modal's parser would keep only the last.
+LAUNCH_ARGS = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
 RUN_OPTIONS: set[str] = (modal_run_args(sys.argv, "train_modal.py") or ([], set()))[1]
-if LAUNCH_ARGS and LAUNCH_ARGS["wandb"] and not LAUNCH_ARGS["attach"]:
+LAUNCH = check_launch_args(**LAUNCH_ARGS) if LAUNCH_ARGS else None
+_WANDB = bool(LAUNCH and LAUNCH_ARGS["wandb"])
+if _WANDB:
     try:
         check_wandb_secret(_lookup_secret)
     except Exception as exc:
         exit_on_cli_error(exc)
         raise
-FUNCTION_OPTIONS = function_options(
-    (LAUNCH_ARGS or {}).get("gpu") or DEFAULT_GPU, bool(LAUNCH_ARGS and LAUNCH_ARGS["wandb"] and not LAUNCH_ARGS["attach"])
-)
+FUNCTION_OPTIONS = function_options((LAUNCH_ARGS or {}).get("gpu") or DEFAULT_GPU, _WANDB,
+                                    LAUNCH.timeout_s if LAUNCH else TIMEOUT_S)
 
 
 @app.function(**FUNCTION_OPTIONS)
 def train_remote(config: dict, source: str | None, wandb: bool, run_name: str | None, resume: bool, launch_id: str,
-                 nproc: int, gpu: str = "") -> dict:
-    """Runs in the GPU container, with the volume mounted at MOUNT."""
-    return run_training(MOUNT, config, commit=volume.commit, source=source, wandb=wandb, run_name=run_name,
-                        resume=resume, launch_id=launch_id, nproc=nproc, gpu=gpu)
+                 nproc: int, gpu: str = "", sweep: dict | None = None) -> dict:
+    """Runs in the GPU container, with the volume mounted at MOUNT: a training run, or one run of a sweep."""
+    return remote_body(MOUNT, commit=volume.commit, reload=volume.reload, config=config, source=source, wandb=wandb,
+                       run_name=run_name, resume=resume, launch_id=launch_id, nproc=nproc, gpu=gpu, sweep=sweep)
 
 
 main = app.local_entrypoint()(main)
 
 if __name__ == "__main__":
     fail("error: run this file with Modal's CLI: `modal run cs336_basics/train_modal.py` (options --gpu, --wandb, "
-         "--run-name, --resume, --config-path, --overrides, --attach; see MODAL_GUIDE.md), or train locally with "
-         "`uv run python cs336_basics/train.py`")
+         "--run-name, --resume, --config-path, --preset, --overrides, --sweep, --sweep-name, --attach; see "
+         "MODAL_GUIDE.md), or train locally with `uv run python cs336_basics/train.py`")

@@ -6,12 +6,15 @@ batch upload is all-or-nothing and refuses to overwrite an existing file unless 
 
 ``FakeVolume.mount(folder)`` starts a container: ``folder`` gets a copy of the committed state at that moment, and
 the returned :class:`MountedVolume` is what the container's ``volume`` is. Writes in ``folder`` stay invisible to the
-volume (and to the next container) until ``commit()``, which makes the committed state equal to the container's
-folder; ``reload()`` brings in what others committed. Like the real client, whose ``commit()`` reloads the
-container's view afterwards, both refuse (RuntimeError) while a process of this container (this one or a child)
-holds a file of the volume open or memory-mapped (checked through /proc, so on Linux). ``fail_commits`` makes the
-next commits raise the way the real client's do (RuntimeError), and ``after_commit`` runs after each successful
-commit (e.g. to preempt the container).
+volume (and to other containers) until ``commit()``, which publishes this container's changes since its view was last
+synced (files written or removed) file by file: containers committing different files concurrently keep each
+other's files, and for the same file the last commit wins, losing what its writer had not seen (Modal's documented
+semantics). Like the real client, ``commit()`` then reloads the container's view; ``reload()`` brings in what others
+committed. Both refuse (RuntimeError) while a process of this container (this one or a child) holds a file of the
+volume open or memory-mapped (checked through /proc, so on Linux). ``reload()`` also refuses while the container has
+uncommitted changes: Modal "may implicitly" commit them, so code must not depend on either outcome. ``fail_commits``
+makes the next commits raise the way the real client's do (RuntimeError), and ``after_commit`` runs after each
+successful commit (e.g. to preempt the container).
 
 Method signatures match the installed modal (a test compares them), listings are ``modal.types.FileEntry``, and a
 missing path raises what modal raises.
@@ -20,6 +23,7 @@ missing path raises what modal raises.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -77,6 +81,30 @@ def _mirror(src: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(staging, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Every file under ``folder``: its path relative to ``folder`` -> a hash of its bytes (files that vanish while
+    hashing, renamed by a writer meanwhile, are left out)."""
+    found = {}
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                found[path.relative_to(folder).as_posix()] = hashlib.sha1(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _put(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` atomically (a reader sees the old file or the new one); a vanished ``src`` is skipped."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staged = dst.with_name(f".{dst.name}.syncing")
+    try:
+        shutil.copy2(src, staged)
+    except FileNotFoundError:
+        return
+    os.replace(staged, dst)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -212,6 +240,24 @@ class MountedVolume:
         self.after_commit = after_commit
         self.commits = 0  # successful commits by this container
         _mirror(volume.root, path)
+        self._base = _digests(path)  # the committed state this container's view was last synced to
+
+    def _sync(self) -> None:
+        """Bring the committed state into this container's view (after a commit, and on reload), file by file in
+        place: a file this container is writing meanwhile (a torchrun worker's temporary checkpoint) is left alone."""
+        committed = _digests(self.volume.root)
+        mine = _digests(self.path)
+        for rel, digest in committed.items():
+            if mine.get(rel) != digest:
+                _put(self.volume.root / rel, self.path / rel)
+        for rel in set(self._base) - set(committed):  # removed by a commit (this container's files are not touched)
+            (self.path / rel).unlink(missing_ok=True)
+        self._base = committed
+
+    def _changes(self) -> tuple[list[str], list[str]]:
+        """(files written, files removed) in this container since its view was last synced, relative paths."""
+        now = _digests(self.path)
+        return sorted(f for f, d in now.items() if self._base.get(f) != d), sorted(set(self._base) - set(now))
 
     def _refuse_open_files(self) -> None:
         held = open_files_under(self.path)
@@ -223,7 +269,12 @@ class MountedVolume:
             self.fail_commits -= 1
             raise RuntimeError("Volume commit failed: conflict (stand-in)")
         self._refuse_open_files()
-        _mirror(self.path, self.volume.root)
+        written, removed = self._changes()
+        for rel in removed:
+            (self.volume.root / rel).unlink(missing_ok=True)
+        for rel in written:
+            _put(self.path / rel, self.volume.root / rel)
+        self._sync()
         self.commits += 1
         self.volume.commits += 1
         if self.after_commit is not None:
@@ -231,7 +282,11 @@ class MountedVolume:
 
     def reload(self):
         self._refuse_open_files()
-        _mirror(self.volume.root, self.path)
+        written, removed = self._changes()
+        if written or removed:
+            raise RuntimeError(f"reload() with uncommitted changes ({', '.join(written + removed)}): Modal may or may "
+                               "not commit them implicitly; commit first (stand-in)")
+        self._sync()
 
 
 def parse_entrypoint_args(entrypoint, argv: list[str]) -> dict:

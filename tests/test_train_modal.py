@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import re
 import math
 import shlex
 import sys
@@ -143,6 +144,7 @@ def test_declared_function_options(monkeypatch):
     (kwargs,) = recorded
     assert kwargs["gpu"] == "A10G"
     assert kwargs["timeout"] == 24 * 60 * 60
+    assert kwargs["single_use_containers"] is True  # every attempt (a sweep's runs, retries) in a fresh container
     assert isinstance(kwargs["retries"], modal.Retries) and kwargs["retries"].max_retries >= 2
     ((mount, volume),) = kwargs["volumes"].items()
     assert mount == "/vol" and isinstance(volume, modal.Volume) and volume.name == "transformer-training-vol"
@@ -358,9 +360,10 @@ def test_the_secret_lookup_requires_the_key(monkeypatch):
 def test_the_launch_trains_on_cuda_whatever_the_config_says(project):
     _, vol = project
     plan = tm.plan_launch(vol, config_path="tiny.yaml")  # tiny.yaml says training.device: cpu
-    assert plan.kwargs["config"]["training"]["device"] == "cuda"
+    (call,) = plan.calls
+    assert call["config"]["training"]["device"] == "cuda"
     assert any("training.device=cpu is replaced by cuda" in n for n in plan.notes)
-    assert plan.kwargs["nproc"] == 1 and plan.kwargs["gpu"] == "A10G" and len(plan.kwargs["launch_id"]) == 32
+    assert call["nproc"] == 1 and call["gpu"] == "A10G" and len(call["launch_id"]) == 32
 
 
 # --- the plan, and the measured cost ------------------------------------------------------------------------
@@ -556,22 +559,28 @@ def test_no_cuda_stops_at_once_with_the_versions_and_the_fix(project, monkeypatc
 
 
 class FakeCall:
-    """Stands in for modal.FunctionCall: ``get`` runs the call in stand-in containers, retrying what Modal retries."""
+    """Stands in for modal.FunctionCall: ``get`` runs the call in stand-in containers, retrying what Modal retries.
 
-    def __init__(self, containers, kwargs, hooks=()):
+    The first container starts when the call is spawned (a sweep's calls start side by side: each sees only what
+    was committed before it started), its retries when they happen."""
+
+    def __init__(self, containers, kwargs, hooks=(), object_id="fc-test"):
         self.containers, self.kwargs, self.hooks, self.attempts = containers, kwargs, list(hooks), 0
-        self.object_id = "fc-test"
+        self.object_id = object_id
+        self.first = containers.start()
 
     def get(self, timeout: float | None = None, *, index: int = 0):
-        while True:  # Modal's server-side retries (spawned calls): a raised exception is retried
+        while not hasattr(self, "result"):  # Modal's server-side retries (spawned calls): an exception is retried
             self.attempts += 1
-            hook = self.hooks.pop(0) if self.hooks else None
-            container = self.containers.start(after_commit=hook)
+            container = self.first if self.attempts == 1 else self.containers.start()
+            container.after_commit = self.hooks.pop(0) if self.hooks else None
             try:
-                return tm.run_training(container.path, commit=container.commit, **self.kwargs)
+                self.result = tm.remote_body(container.path, commit=container.commit, reload=container.reload,
+                                             **self.kwargs)
             except BaseException:
                 if self.attempts > tm.MAX_RETRIES:
                     raise
+        return self.result  # a finished call gives its result again
 
 
 class FakeFunction:
@@ -581,7 +590,7 @@ class FakeFunction:
         self.containers, self.hooks, self.calls = containers, hooks, []
 
     def spawn(self, *args, **kwargs):
-        self.calls.append(FakeCall(self.containers, kwargs, self.hooks))
+        self.calls.append(FakeCall(self.containers, kwargs, self.hooks, object_id=f"fc-test{len(self.calls) or ''}"))
         return self.calls[-1]
 
 
@@ -591,25 +600,31 @@ def test_spawn_and_get_stand_ins_match_modal():
     assert hasattr(modal.FunctionCall, "object_id")
 
 
-def _run_main(monkeypatch, project, argv, hooks=(), run_options=()):
+def _run_main(monkeypatch, project, argv, hooks=(), run_options=(), remote=None):
     root, vol = project
-    remote = FakeFunction(Containers(root, vol), hooks)
+    remote = remote or FakeFunction(Containers(root, vol), hooks)
     monkeypatch.setattr(tm, "volume", vol)
     monkeypatch.setattr(tm, "train_remote", remote)
     monkeypatch.setattr(tm, "_lookup_secret", lambda name: None)
     monkeypatch.setattr(tm, "RUN_OPTIONS", set(run_options))
-    kwargs = parse_entrypoint_args(tm.main, shlex.split(argv))
-    monkeypatch.setattr(tm, "FUNCTION_OPTIONS", tm.function_options(kwargs["gpu"] or tm.DEFAULT_GPU, kwargs["wandb"]))
+    tokens = shlex.split(argv)
+    kwargs = parse_entrypoint_args(tm.main, tokens)  # as Modal's CLI passes them: only the last --sweep
+    launch = mu.parse_cli_args(tokens, tm.main.info.raw_f, repeatable=("sweep",))  # what the import-time check reads
+    monkeypatch.setattr(tm, "LAUNCH_ARGS", launch)
+    timeout = tm.check_launch_args(**launch).timeout_s if not kwargs["attach"] else tm.TIMEOUT_S
+    monkeypatch.setattr(tm, "FUNCTION_OPTIONS", tm.function_options(kwargs["gpu"] or tm.DEFAULT_GPU, kwargs["wandb"],
+                                                                    timeout))
     monkeypatch.setattr(tm, "plan_launch", _cpu_plan(tm.plan_launch))
     tm.main.info.raw_f(**kwargs)
     return remote
 
 
 def _cpu_plan(real):
-    """plan_launch, with the config's device put back to cpu after the launcher forced cuda (no GPU here)."""
+    """plan_launch, with the configs' device put back to cpu after the launcher forced cuda (no GPU here)."""
     def plan(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.kwargs["config"]["training"]["device"] = "cpu"
+        for call in result.calls:
+            call["config"]["training"]["device"] = "cpu"
         return result
     return plan
 
@@ -752,7 +767,8 @@ def test_workflow_training_commands_parse_and_pass_the_checks_before_connecting(
                  "--wandb --run-name experiment-1", "--gpu H100:8 --resume", "--gpu H100,A100-80GB",
                  "--gpu A100 --overrides 'training.batch_size=64 training.max_iters=20000'", "--attach fc-123"):
         kwargs = parse_entrypoint_args(tm.main, shlex.split(argv))
-        assert set(kwargs) == {"config_path", "wandb", "run_name", "gpu", "resume", "overrides", "attach"}
+        assert set(kwargs) == {"config_path", "wandb", "run_name", "gpu", "resume", "overrides", "attach", "preset",
+                               "sweep", "sweep_name"}
         assert mu.parse_cli_args(shlex.split(argv), tm.main.info.raw_f) == kwargs
         tm.check_launch_args(**kwargs)  # raises for anything the import-time check would refuse
     assert parse_entrypoint_args(tm.main, ["--wandb", "--run-name", "x"])["wandb"] is True
@@ -871,9 +887,336 @@ def test_multi_gpu_path_commits_each_checkpoint_and_stops_on_no_retry_codes(proj
     exit_code[0] = "3"  # a diverged worker: torchrun exits 1, but retrying cannot help
     (container.path / "committed").unlink()
     result = tm.run_training(container.path, config, commit=commit, launch_id="m2", nproc=8, poll_s=0.05)
-    assert result == {"error": "training loss became nan at iteration 3: the run diverged", "exit_code": 3}
+    assert (result["error"], result["exit_code"]) == ("training loss became nan at iteration 3: the run diverged", 3)
+    assert result["gpu_count"] == 8 and result["attempts"] == 1 and result["wall_s"] > 0  # its cost is known
     assert "torchrun exited with code 1; its workers with [3]" in capsys.readouterr().out
 
     exit_code[0] = "1"  # a crash (no status file): raise, so Modal retries (and the retry resumes)
     with pytest.raises(RuntimeError, match="failed .*exit code 1.*none recorded.*Modal retries"):
         tm.run_training(container.path, config, commit=commit, launch_id="m3", nproc=8, poll_s=0.05)
+
+
+# --- sweeps: one spawned call per run, each in its own container, the table rewritten in the volume ---------------
+
+SWEEP = ("--config-path tiny.yaml --sweep training.max_lr=1e-2,1e6 --sweep-name lr "
+         "--overrides 'training.grad_clip=0 training.warmup_iters=0 training.min_lr=0'")
+
+
+def sweep_dir(vol: FakeVolume, name: str = "lr") -> Path:
+    return vol.root / "checkpoints" / "sweeps" / name
+
+
+def committed_table(vol: FakeVolume, name: str = "lr") -> dict:
+    return json.loads((sweep_dir(vol, name) / "sweep.json").read_text())
+
+
+class ClientGone(FakeFunction):
+    """The terminal goes away right after the launch (``modal run --detach``); Modal runs the calls regardless
+    (``run`` stands for its servers)."""
+
+    def spawn(self, *args, **kwargs):
+        call = super().spawn(*args, **kwargs)
+        call.run = call.get
+        call.get = lambda timeout=None, *, index=0: (_ for _ in ()).throw(KeyboardInterrupt())
+        return call
+
+
+def test_a_detached_sweep_writes_its_table_in_the_volume_without_the_terminal(project, monkeypatch, capsys):
+    root, vol = project
+    remote = ClientGone(Containers(root, vol))
+    monkeypatch.setattr(tm, "train_remote", remote)
+    launch = ["/x/bin/modal", "run", "--detach", "cs336_basics/train_modal.py", *shlex.split(SWEEP)]
+    monkeypatch.setattr(sys, "argv", launch)
+    with pytest.raises(SystemExit) as done:
+        _run_main(monkeypatch, project, SWEEP, run_options={"--detach"}, remote=remote)
+    monkeypatch.setattr(sys, "argv", ["/pkg/modal/_container_entrypoint.py"])  # what the containers have
+    captured = capsys.readouterr()
+    assert done.value.code == 130 and "interrupted: the sweep goes on (detached)" in captured.err
+    assert [c.kwargs["run_name"] for c in remote.calls] == ["max_lr=1e-2", "max_lr=1e6"]
+    out = captured.out
+    assert "Sweep lr: 2 run(s) over training.max_lr, each in its own container on A10G" in out
+    assert "  max_lr=1e-2: 256 tokens; about" in out and "Total for 2 run(s) on A10G x1: about $" in out
+    assert "Calls: max_lr=1e-2 fc-test, max_lr=1e6 fc-test1" in out
+    assert "Detached: closing this terminal does not stop the sweep" in out and "--attach fc-test,fc-test1" in out
+    assert not sweep_dir(vol).exists()  # nothing ran yet
+
+    # Modal runs both calls. Their containers started side by side at the launch, so the one ending last saw the
+    # other's result only by reloading the volume: the complete table proves it did.
+    for call in remote.calls:
+        call.run()
+    assert [c.attempts for c in remote.calls] == [1, 1]  # the divergence is a result, not retried
+    table = committed_table(vol)
+    assert table["name"] == "lr" and table["axes"] == [["training.max_lr", ["1e-2", "1e6"]]]
+    assert table["command"] == launch  # the launch's command line, not the container's
+    assert [(r["name"], r["status"]) for r in table["runs"]] == [("max_lr=1e-2", "finished"),
+                                                                  ("max_lr=1e6", "diverged")]
+    assert table["best"] == "max_lr=1e-2" and "diverged" in table["runs"][1]["error"]
+    folder = sweep_dir(vol)
+    assert (folder / "sweep.csv").read_text().count("\n") == 3 and (folder / "curves.png").stat().st_size > 1000
+    finished, diverged = folder / "max_lr=1e-2", folder / "max_lr=1e6"
+    assert sorted(p.name for p in finished.glob("*.pt")) == ["checkpoint_final.pt", "checkpoint_iter_2.pt",
+                                                           "checkpoint_iter_4.pt"]
+    assert "checkpoint_final.pt" not in [p.name for p in diverged.glob("*.pt")]
+    launches = set()
+    for run, status, lr in ((finished, "finished", "1e-2"), (diverged, "diverged", "1e6")):
+        record = json.loads((run / "run.json").read_text())
+        assert record["status"] == status and record["name"] == run.name and (run / "metrics.jsonl").is_file()
+        assert record["sweep"] == {"name": "lr", "values": {"training.max_lr": lr}}
+        assert record["config"]["wandb"]["group"] == "lr" and record["config"]["training"]["max_lr"] == float(lr)
+        launches.add(json.loads((run / ".launch.json").read_text())["launch_id"])
+    assert len(launches) == 2  # each run claimed its own folder
+    assert committed(vol) == []  # nothing at the top of /checkpoints/, where single runs go
+
+    # back at a terminal: --attach with the printed ids waits for the calls and shows their rows and cost
+    calls = {c.object_id: c for c in remote.calls}
+    monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id, client=None: calls[call_id])
+    for call in remote.calls:
+        call.get = call.run
+    tm.main.info.raw_f(**parse_entrypoint_args(tm.main, ["--attach", "fc-test,fc-test1"]))
+    out = capsys.readouterr().out
+    assert "max_lr=1e-2: finished" in out and "max_lr=1e6: diverged: training loss" in out
+    assert re.search(r"\*\s+1e-2\s+finished", out) and "Time and cost of 2 run(s):" in out
+    assert ("modal run cs336_basics/modal_utils.py --action download --remote-name sweeps/lr/sweep.csv "
+            "--local-path checkpoints/sweeps/lr/sweep.csv") in out
+
+    # the same --sweep-name again: every run has ended, so nothing is launched and the table is shown
+    again = _run_main(monkeypatch, project, SWEEP)
+    assert again.calls == [] and "Every run of sweep lr has ended" in capsys.readouterr().out
+    # a run that did not end (here: recorded as running, its launch stopped) runs again, the others are kept
+    record = json.loads((diverged / "run.json").read_text())
+    (diverged / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    third = _run_main(monkeypatch, project, SWEEP)
+    assert [c.kwargs["run_name"] for c in third.calls] == ["max_lr=1e6"]
+    out = capsys.readouterr().out
+    assert "kept (ended: finished, diverged, or out of an unchanged time budget): max_lr=1e-2" in out
+    assert "1 run(s) of sweep lr are recorded as running (max_lr=1e6): if the launch that started them" in out
+    assert [r["status"] for r in committed_table(vol)["runs"]] == ["finished", "diverged"]
+
+
+def test_ctrl_c_stops_a_sweep_and_says_how_to_continue_it(project, monkeypatch, capsys):
+    root, vol = project
+    remote = ClientGone(Containers(root, vol))  # the local wait is interrupted, without --detach
+    with pytest.raises(SystemExit) as done:
+        _run_main(monkeypatch, project, SWEEP, remote=remote)
+    assert done.value.code == 130 and len(remote.calls) == 2
+    assert ("interrupted: the sweep stops; its runs' committed checkpoints are kept: continue it with the same "
+            "command and --sweep-name lr") in capsys.readouterr().err
+
+
+def test_a_sweep_whose_run_does_not_fit_the_data_stops_before_any_gpu(project, monkeypatch, capsys):
+    _, vol = project
+    remote = FakeFunction(Containers(*project))
+    monkeypatch.setattr(tm, "train_remote", remote)
+    with pytest.raises(SystemExit) as done:
+        _run_main(monkeypatch, project, "--config-path tiny.yaml --sweep model.vocab_size=64,128", remote=remote)
+    assert done.value.code == EXIT_USER_ERROR and remote.calls == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep run vocab_size=128: vocab_size mismatch") and err.count("\n") == 1
+
+
+def test_a_run_that_crashes_is_retried_then_recorded_and_the_sweep_goes_on(project, monkeypatch, capsys):
+    import cs336_basics.train as train_mod
+
+    real_step = train_mod.train_step
+
+    def crash_at_high_lr(model, optimizer, *args, **kwargs):  # a GPU fault that hits one run on every attempt
+        if optimizer.param_groups[0]["lr"] > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", crash_at_high_lr)
+    _, vol = project
+    remote = _run_main(monkeypatch, project, SWEEP)  # waits for both calls
+    assert [c.attempts for c in remote.calls] == [1, 1 + tm.MAX_RETRIES]  # Modal retried the crash
+    out = capsys.readouterr().out
+    assert "[1/2] max_lr=1e-2: finished" in out
+    assert "[2/2] max_lr=1e6: the call failed on Modal after its retries (CUDA error: an illegal memory" in out
+    final = out[out.rindex("status"):]  # the table at the end, read from the volume
+    assert re.search(r"\*\s+1e-2\s+finished", final) and re.search(r"\n\s+1e6\s+failed", final)
+    assert "max_lr=1e6: failed: crash: RuntimeError: CUDA error" in final
+    assert "Time and cost of 1 run(s):" in out and "Ctrl-C or closing this terminal stops the sweep" in out
+    # each failed attempt recorded itself (the last one is what stays) and rewrote the table in the volume
+    assert [r["status"] for r in committed_table(vol)["runs"]] == ["finished", "failed"]
+    record = json.loads((sweep_dir(vol) / "max_lr=1e6" / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("crash: RuntimeError: CUDA error")
+
+
+def test_a_preempted_sweep_run_resumes_from_its_own_checkpoints(project, monkeypatch, capsys):
+    _, vol = project
+    remote = _run_main(monkeypatch, project, "--config-path tiny.yaml --sweep training.seed=1 --sweep-name seeds",
+                       hooks=[preempt_at(2)])  # its launch record, checkpoint_iter_2, then preempted
+    (call,) = remote.calls
+    assert call.attempts == 2 and "restarted by Modal (attempt 2): continuing from" in capsys.readouterr().out
+    run = sweep_dir(vol, "seeds") / "seed=1"
+    assert len(json.loads((run / ".launch.json").read_text())["attempts"]) == 2
+    (row,) = committed_table(vol, "seeds")["runs"]
+    assert row["status"] == "finished" and row["iterations"] == 4
+
+
+def test_two_runs_ending_together_leave_a_complete_table(tmp_path):
+    """Modal keeps the last commit of a file whole: a table written from a view older than another run's result may
+    be committed after that run's complete table. Rewriting until the volume agrees repairs it."""
+    from cs336_basics.runs import RunRecord, write_run_record
+    from cs336_basics.sweep import parse_sweep, plan_sweep
+
+    axes = parse_sweep(["training.max_lr=1e-3,2e-3"])
+
+    def race(rounds: int) -> list[str]:
+        vol = FakeVolume(tmp_path / f"volume{rounds}")
+        first, second = vol.mount(tmp_path / f"a{rounds}"), vol.mount(tmp_path / f"b{rounds}")
+        points = {}
+        for i, container in enumerate((first, second)):  # each container's run has just ended
+            points[container] = plan_sweep(axes, container.path / "checkpoints" / "sweeps" / "s")
+            run = points[container][i]
+            write_run_record(run.run_dir, RunRecord(name=run.name, status="finished", iterations=4, best_val_loss=2.0))
+
+        def publish(container, reload):
+            tm.publish_sweep(points[container][0].run_dir.parent, points[container], axes, name="s", started_at=None,
+                             commit=container.commit, reload=reload, rounds=rounds)
+
+        def reload_then_the_other_ends():
+            first.reload()
+            if not second.commits:  # the second run ends (and writes a complete table) right after this reload
+                publish(second, second.reload)
+
+        publish(first, reload_then_the_other_ends)
+        return [r["status"] for r in json.loads((vol.root / "checkpoints/sweeps/s/sweep.json").read_text())["runs"]]
+
+    assert race(rounds=1) == ["finished", "pending"]  # the stale table won: what a single write would leave
+    assert race(rounds=tm.PUBLISH_ROUNDS) == ["finished", "finished"]
+
+
+def test_the_stand_in_volume_has_modal_commit_semantics(tmp_path):
+    vol = FakeVolume(tmp_path / "volume")
+    a, b = vol.mount(tmp_path / "a"), vol.mount(tmp_path / "b")
+    for container, name in ((a, "a.txt"), (b, "b.txt")):
+        (container.path / "x").mkdir()
+        (container.path / "x" / name).write_text(name)
+    a.commit()
+    b.commit()  # concurrent commits of different files: both kept
+    assert sorted(p.name for p in (vol.root / "x").iterdir()) == ["a.txt", "b.txt"]
+    assert (b.path / "x" / "a.txt").read_text() == "a.txt" and not (a.path / "x" / "b.txt").exists()
+    (a.path / "t.txt").write_text("from a")
+    (b.path / "t.txt").write_text("from b")
+    b.commit()
+    a.commit()  # the same file: the last commit wins, whatever its writer had not seen
+    assert (vol.root / "t.txt").read_text() == "from a" and (b.path / "t.txt").read_text() == "from b"
+    b.reload()  # brings in what others committed
+    assert (b.path / "t.txt").read_text() == "from a"
+    (b.path / "x" / "a.txt").unlink()
+    with pytest.raises(RuntimeError, match=r"uncommitted changes \(x/a.txt\)"):
+        b.reload()  # Modal may or may not commit the removal first: code must commit before reloading
+    b.commit()  # a removal is a change too
+    a.reload()
+    assert not (vol.root / "x" / "a.txt").exists() and not (a.path / "x" / "a.txt").exists()
+    assert (a.path / "x" / "b.txt").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    ("--sweep training.max_lr", "--sweep 'training.max_lr' must look like section.key=v1,v2"),
+    ("--config-path tiny.yaml --sweep training.max_lr=1e-3,abc",
+     "sweep run max_lr=abc: override 'training.max_lr=abc'"),
+    ("--config-path tiny.yaml --gpu A10:4 --sweep training.batch_size=4,6",
+     "sweep run batch_size=6: tiny.yaml: training.batch_size=6 must be divisible by 4"),
+    ("--sweep training.max_lr=1e-3 --overrides training.max_lr=1e-2", "both swept"),
+    ("--sweep data.data_dir=a,b", "--sweep data.data_dir: on Modal the data is /data/<data.train_path>"),
+    ("--sweep-name lr", "--sweep-name needs at least one --sweep"),
+    ("--sweep training.max_lr=1e-3,1e-2 --run-name x", "drop --run-name / --resume"),
+    ("--sweep training.max_lr=1e-3 --resume", "the same --sweep-name again continues a sweep"),
+    ("--sweep training.max_lr=1e-3 --sweep-name a/b", "--sweep-name 'a/b': use up to 120 letters"),
+    ("--preset nope", "--preset nope: no such preset; choose one of cpu, leaderboard"),
+    ("--preset cpu --config-path tiny.yaml", "give one of them"),
+    ("--attach fc-1,2", "each starts with fc-"),
+])
+def test_bad_sweep_and_preset_arguments_stop_before_the_credentials(monkeypatch, tmp_path, capsys, args, expected):
+    test_bad_launch_arguments_stop_before_the_credentials(monkeypatch, tmp_path, capsys, args, expected)
+
+
+def test_every_repeated_sweep_flag_is_used(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    args = ["--config-path", "tiny.yaml", "--sweep", "training.max_lr=1e-3,1e-2", "--sweep=training.batch_size=4,8"]
+    import_fresh(monkeypatch, ["/x/bin/modal", "run", "cs336_basics/train_modal.py", *args])
+    module = sys.modules["train_modal_recorded"]
+    assert parse_entrypoint_args(tm.main, args)["sweep"] == "training.batch_size=4,8"  # Modal's parser: the last one
+    assert module.LAUNCH_ARGS["sweep"] == ["training.max_lr=1e-3,1e-2", "training.batch_size=4,8"]
+    assert module.sweep_specs("training.batch_size=4,8") == module.LAUNCH_ARGS["sweep"]  # what main plans with
+    assert module.LAUNCH.axes == [("training.max_lr", ["1e-3", "1e-2"]), ("training.batch_size", ["4", "8"])]
+    assert [(c.training.max_lr, c.training.batch_size) for c in module.LAUNCH.configs] == [
+        (1e-3, 4), (1e-3, 8), (1e-2, 4), (1e-2, 8)]
+
+
+def test_a_time_budget_bounds_each_attempt_and_the_plan_says_so(project, monkeypatch):
+    from cs336_basics.config import PRESETS_DIR
+
+    leaderboard = load_config(PRESETS_DIR / "leaderboard.yaml")
+    assert tm.attempt_timeout_s([leaderboard]) == 90 * 60 + tm.BUDGET_MARGIN_S
+    assert tm.attempt_timeout_s([load_config(None)]) == tm.TIMEOUT_S  # no budget: Modal's maximum
+    assert tm.attempt_timeout_s([load_config(None, ["training.max_time=30h"])]) == tm.TIMEOUT_S  # capped
+    assert tm.attempt_timeout_s([leaderboard, load_config(None)]) == tm.TIMEOUT_S  # a sweep with a run without one
+
+    # `--preset leaderboard --gpu H100` passes the checks before connecting and declares the budget's timeout
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    recorded, _ = import_fresh(monkeypatch, ["/x/bin/modal", "run", "cs336_basics/train_modal.py", "--preset",
+                                             "leaderboard", "--gpu", "H100"])
+    (kwargs,) = recorded
+    assert kwargs["gpu"] == "H100" and kwargs["timeout"] == 105 * 60
+    assert sys.modules["train_modal_recorded"].LAUNCH.cfg.source.endswith("presets/leaderboard.yaml")
+    lines = tm.plan_lines(leaderboard, gpus.parse_gpu_spec("H100"))
+    assert lines[1].startswith("Time budget: training.max_time=90m ends a run") and "after 1 h 45 min" in lines[1]
+    assert lines[2].startswith("  H100 x1 (80 GB each): the 1.5 h budget ends it, after about")
+    assert lines[2].endswith(f"tokens, ${1.5 * 3.95:,.2f} at $3.95/h")
+
+    # a sweep over budgets: each attempt may run the longest one plus the margin
+    _, vol = project
+    plan = tm.plan_launch(vol, config_path="tiny.yaml", sweep=["training.max_time=30m,1h"], sweep_name="budgets")
+    assert plan.timeout_s == 3600 + tm.BUDGET_MARGIN_S and len(plan.calls) == 2
+    text = "\n".join(tm.sweep_plan_lines(plan))
+    assert "Time budget: training.max_time=1h, 30m ends a run" in text and "after 1 h 15 min" in text
+    assert tm.function_options("A10G", timeout_s=plan.timeout_s)["timeout"] == 4500
+
+    # resumed, a run its budget ended is kept while the budget is the same, and continued when it was raised
+    from cs336_basics.runs import RunRecord, write_run_record
+
+    for run, budget in (("max_time=30m", "30m"), ("max_time=1h", "20m")):
+        write_run_record(vol.root / "checkpoints" / "sweeps" / "budgets" / run, RunRecord(
+            name=run, status="out_of_time", config={"training": {"max_time": budget}}))
+    again = tm.plan_launch(vol, config_path="tiny.yaml", sweep=["training.max_time=30m,1h"], sweep_name="budgets")
+    assert [c["run_name"] for c in again.calls] == ["max_time=1h"]
+
+
+def test_sweep_helpers_for_runs_made_elsewhere(tmp_path):
+    from cs336_basics.runs import RunRecord, read_run_record, write_run_record
+    from cs336_basics.sweep import SweepError, check_name, default_name, parse_sweep, plan_sweep, read_rows, run_point
+
+    axes = parse_sweep(["training.max_lr=1e-3,2e-3"])
+    assert re.fullmatch(r"sweep-max_lr-\d{8}-\d{6}", default_name(axes))
+    assert check_name("lr-sweep_2") == "lr-sweep_2"
+    for bad in ("a/b", ".hidden", "", "x" * 121):
+        with pytest.raises(SweepError, match="--sweep-name"):
+            check_name(bad)
+    points = plan_sweep(axes, tmp_path)
+    write_run_record(points[0].run_dir, RunRecord(name=points[0].name, status="finished", best_val_loss=1.5))
+    assert [(r["status"], r["best_val_loss"]) for r in read_rows(points)] == [("finished", 1.5), ("pending", None)]
+
+    def crash(overrides, name, run_dir):
+        raise RuntimeError("lost the GPU")
+
+    with pytest.raises(RuntimeError, match="lost the GPU"):  # for a caller that retries (Modal)...
+        run_point(points[1], crash, sweep_name="s", raise_crashes=True)
+    record = read_run_record(points[1].run_dir)  # ...recorded first, should no retry be left
+    assert record.status == "failed" and record.error == "crash: RuntimeError: lost the GPU"
+
+
+def test_every_train_modal_command_in_the_guide_passes_the_checks_before_connecting(monkeypatch):
+    root = Path(cs336_basics.__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the guide's commands run from the project root
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "MODAL_GUIDE.md").read_text(), re.S)
+    commands = re.findall(r"modal run (?:--detach )?cs336_basics/train_modal\.py([^\n#]*)",
+                          "\n".join(blocks).replace("\\\n", " "))
+    assert len(commands) >= 15
+    for args in commands:
+        kwargs = mu.parse_cli_args(shlex.split(args), tm.main.info.raw_f, repeatable=("sweep",))
+        assert kwargs is not None, args
+        tm.check_launch_args(**kwargs)  # raises for anything the import-time check would refuse
