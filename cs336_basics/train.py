@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     """``--sweep``: every grid point as its own run (folder, run.json, metrics.jsonl, W&B run in one group), in turn."""
-    from cs336_basics.sweep import parse_sweep, run_sweep
+    from cs336_basics.sweep import check_name, default_name, parse_sweep, run_sweep
 
     if not args.sweep:
         raise UserError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
@@ -737,7 +737,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     path = config_path(args.config_path, args.preset)
     axes = parse_sweep(args.sweep, args.overrides)
     base = load_config(path, args.overrides)
-    name = args.sweep_name or f"sweep-{'-'.join(k.split('.')[-1] for k, _ in axes)}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    name = check_name(args.sweep_name) if args.sweep_name else default_name(axes)
     out_dir = Path(base.data.checkpoint_dir) / name
 
     def point_config(overrides: list[str], run_dir: Path | None = None) -> Config:
