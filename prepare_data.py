@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from cs336_basics.tokenize_data import DataError, check_text_file, tokenize_file, tokenizer_sha256
+from cs336_basics.common import disk_full_error, is_disk_full, run_cli
+from cs336_basics.data import DataError, tokenizer_sha256
+from cs336_basics.fileio import prepare_output_dir, staged_outputs
+from cs336_basics.tokenize_data import check_text_file, tokenize_file
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
 MAX_VOCAB_SIZE = 1 << 20  # far above any useful byte-level BPE vocab; ids still fit in uint32
@@ -59,27 +61,29 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DataError(f"--num-workers {args.num_workers} must be at least 1")
 
 
-def _ensure_writable_dir(path: str | Path, flag: str) -> None:
-    """Create ``path`` if needed and prove a file can be written there, before hours of work."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {path} is not a writable folder: {e.strerror or e}") from None
-
-
 def _load_existing(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer in --tokenizer-dir: our pickles, or one trained elsewhere (tokenizer.json, or GPT-2's
+    vocab.json + merges.txt), which is imported, i.e. saved beside it as vocab.pkl + merges.pkl so training,
+    generation and the .bin metadata's tokenizer hash all use the same files."""
+    from cs336_basics.common import UserError
+    from cs336_basics.hf_tokenizer import foreign_tokenizer_files
+
     folder = Path(args.tokenizer_dir)
+    foreign = None
+    if not (folder / VOCAB_FILE).exists() and not (folder / MERGES_FILE).exists():
+        foreign = foreign_tokenizer_files(folder)
     for name in (VOCAB_FILE, MERGES_FILE):
-        if not (folder / name).is_file():
+        if foreign is None and not (folder / name).is_file():
             raise DataError(
-                f"--use-existing-tokenizer: {folder / name} not found; create it by running without "
+                f"--use-existing-tokenizer: {folder / name} not found (nor a tokenizer.json, nor vocab.json + "
+                f"merges.txt, to import); create it by running without "
                 f"--use-existing-tokenizer: uv run python prepare_data.py --train-path {args.train_path} "
                 f"--vocab-size {args.vocab_size} --tokenizer-dir {args.tokenizer_dir}"
             )
     try:
         tok = load_tokenizer(folder, args.special_tokens)
+    except UserError:  # damaged, unsafe or foreign-but-incompatible files: the message names the file
+        raise
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"cannot load the tokenizer in {folder}: {e}") from None
     if tok.vocab_size != args.vocab_size:
@@ -87,9 +91,21 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
             f"the tokenizer in {folder} has vocab size {tok.vocab_size} but --vocab-size is {args.vocab_size}; "
             f"pass --vocab-size {tok.vocab_size} to use it, or drop --use-existing-tokenizer to train a new one"
         )
+    if foreign is not None:
+        try:
+            tok.save(folder)
+        except OSError as e:
+            raise DataError(
+                f"cannot save the imported tokenizer as {folder / VOCAB_FILE}: {e.strerror or e}; import it into a "
+                f"writable folder with: uv run python -m cs336_basics.export import-tokenizer {foreign[0]} "
+                f"--out DIR, then pass --tokenizer-dir DIR"
+            ) from None
     print(RULE)
     print("Loading Existing Tokenizer")
     print(RULE)
+    if foreign is not None:
+        names = " + ".join(f.name for f in foreign)
+        print(f"✓ Imported {names} from {_dir_label(folder)} (saved as {VOCAB_FILE} + {MERGES_FILE} beside it)")
     print(f"✓ Loaded tokenizer from {_dir_label(folder)}")
     print(f"  Vocabulary size: {tok.vocab_size}")
     print(f"  Number of merges: {len(tok.merges)}")
@@ -97,7 +113,7 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
     return tok
 
 
-def _train(args: argparse.Namespace) -> Tokenizer:
+def _train(args: argparse.Namespace, save_to: Path) -> Tokenizer:
     from cs336_basics.bpe import train_bpe
 
     print(RULE)
@@ -125,7 +141,7 @@ def _train(args: argparse.Namespace) -> Tokenizer:
         print(f"warning: {w.message}{advice}", file=sys.stderr)
     if advice and not caught:
         print(f"warning: the vocabulary has {tok.vocab_size} tokens, not {args.vocab_size}{advice}", file=sys.stderr)
-    tok.save(args.tokenizer_dir)
+    tok.save(save_to)
     print()
     print(f"✓ Tokenizer saved to {_dir_label(args.tokenizer_dir)}")
     print(f"  - {VOCAB_FILE}")
@@ -152,7 +168,7 @@ def _tokenize(title: str, src: str, dst: Path, tok: Tokenizer, args: argparse.Na
     )
     print("✓ Tokenization complete!")
     print(f"  Total tokens: {result.num_tokens:,}")
-    print(f"✓ Saved to {dst}")
+    print(f"✓ Saved to {Path(args.output_dir) / dst.name}")
     print(f"  Output size: {result.output_bytes / 1024**2:.2f} MB")
     ratio = result.input_bytes / result.output_bytes if result.output_bytes else float("inf")
     print(f"  Compression ratio: {ratio:.2f}x", flush=True)
@@ -164,35 +180,40 @@ def run(args: argparse.Namespace) -> None:
     check_text_file(args.train_path)
     if args.val_path:
         check_text_file(args.val_path)
-    _ensure_writable_dir(args.output_dir, "--output-dir")
+    prepare_output_dir(args.output_dir, "--output-dir")
     if not args.use_existing_tokenizer:
-        _ensure_writable_dir(args.tokenizer_dir, "--tokenizer-dir")
+        prepare_output_dir(args.tokenizer_dir, "--tokenizer-dir")
 
-    tok = _load_existing(args) if args.use_existing_tokenizer else _train(args)
-    folder = Path(args.tokenizer_dir)
-    tok_hash = tokenizer_sha256(folder / VOCAB_FILE, folder / MERGES_FILE)
-    out = Path(args.output_dir)
-    _tokenize("Tokenizing Training Data", args.train_path, out / "train.bin", tok, args, tok_hash)
-    if args.val_path:
-        _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
+    # Every output is written to a hidden folder first and put in place when all are complete, so an interrupted
+    # run never leaves a new tokenizer beside .bin files made with the old one.
+    with staged_outputs() as stage:
+        if args.use_existing_tokenizer:
+            tok, folder = _load_existing(args), Path(args.tokenizer_dir)
+        else:
+            folder = stage(args.tokenizer_dir)
+            tok = _train(args, folder)
+        tok_hash = tokenizer_sha256(folder / VOCAB_FILE, folder / MERGES_FILE)
+        out = stage(args.output_dir)
+        _tokenize("Tokenizing Training Data", args.train_path, out / "train.bin", tok, args, tok_hash)
+        if args.val_path:
+            _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 bad input, 130 interrupted)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output files were left behind", file=sys.stderr)
-        return 130
-    return 0
+
+    def guarded() -> None:
+        try:
+            run(args)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(e.filename or args.output_dir) from None
+            where = f": {e.filename}" if e.filename else ""
+            raise DataError(f"{e.strerror or e}{where}") from None
+
+    return run_cli(guarded, interrupted="error: interrupted; nothing was replaced (the tokenizer and .bin files are "
+                                        "put in place together only when all are complete)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from cs336_basics.config import ModelConfig
 from cs336_basics.generate import generate, pick_device
 from cs336_basics.model import TransformerLM
 
@@ -84,7 +85,7 @@ def main() -> None:
     print(f"{'shape':<12} {'params':>8} {'no cache tok/s':>15} {'KV cache tok/s':>15} {'speed-up':>9}", flush=True)
     for name in args.shapes:
         torch.manual_seed(0)
-        model = TransformerLM(**SHAPES[name], rope_theta=10_000.0, device=device).eval()
+        model = TransformerLM(ModelConfig(**SHAPES[name], rope_theta=10_000.0), device=device).eval()
         r = compare(model, new_tokens, runs)
         params = f"{model.num_parameters() / 1e6:.1f}M"
         print(f"{name:<12} {params:>8} {r['full']:>15.1f} {r['cached']:>15.1f} {r['ratio']:>8.1f}x", flush=True)

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from math import prod as math_prod
 
 import torch
@@ -47,7 +46,7 @@ def tinystories_shape() -> ModelConfig:
 
 
 def build_ours(shape: ModelConfig, device, dtype) -> torch.nn.Module:
-    return TransformerLM(**asdict(shape), device=device, dtype=dtype)
+    return TransformerLM(shape, device=device, dtype=dtype)
 
 
 def build_hf(shape: ModelConfig, device, dtype) -> torch.nn.Module:

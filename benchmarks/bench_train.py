@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ def peer_loop(cfg, device: torch.device, iters: int, warmup: int) -> float:
     """Tokens/s of a bare PyTorch loop over the same model, batch and schedule-free AdamW."""
     m, t = cfg.model, cfg.training
     torch.manual_seed(t.seed)
-    model = TransformerLM(**asdict(m), device=device)
+    model = TransformerLM(m, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.max_lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     tokens = np.memmap(cfg.data.train_file, dtype=np.uint16, mode="r")
     rng = np.random.default_rng(0)

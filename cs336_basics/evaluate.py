@@ -16,7 +16,6 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the package, not sibling files, by absolute name
@@ -28,7 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cs336_basics.generate import UserError, load_checkpoint_model, pick_device
+from cs336_basics.common import UserError, run_cli
+from cs336_basics.checkpoint import load_model_with_info
+from cs336_basics.device import autocast_for, pick_device
 
 
 def iter_windows(num_tokens: int, context_length: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
@@ -58,7 +59,8 @@ def evaluate(
 
     Returns ``{"loss", "perplexity", "num_tokens"}`` where ``num_tokens`` counts scored targets
     (``len(tokens) - 1``). ``context_length`` defaults to the model's and may not exceed it.
-    Runs under bf16 autocast on CUDA; losses are accumulated in float64.
+    Runs under the project's precision rule (bf16 autocast on CUDA GPUs that support it, see
+    ``device.autocast_for``); losses are accumulated in float64.
     """
     from cs336_basics.nn_utils import cross_entropy
 
@@ -72,9 +74,7 @@ def evaluate(
         raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
     device = torch.device(device)
     vocab_size = model.vocab_size
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast, _ = autocast_for(device)
 
     was_training = model.training
     model.eval()
@@ -91,7 +91,7 @@ def evaluate(
             chunk = torch.from_numpy(chunk).to(device)
             inputs = chunk[:-1].view(rows, width)
             targets = chunk[1:].view(rows, width)
-            with autocast:
+            with autocast():
                 logits = model(inputs)
             mean = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             total_loss += mean.double() * targets.numel()
@@ -110,32 +110,23 @@ def evaluate(
 
 
 def load_checked_tokens(path: str | Path, model_vocab_size: int) -> np.ndarray:
-    """The token stream in ``path``; UserError when missing, unreadable or made with another vocab."""
-    from cs336_basics.data import load_tokens
-    from cs336_basics.tokenize_data import read_metadata
+    """The token stream in ``path`` after the shared checks (data.check_token_file); UserError otherwise."""
+    from cs336_basics.data import DataError, check_token_file, load_tokens, read_metadata
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)")
+        raise DataError(f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)")
     try:
         meta = read_metadata(path)
     except FileNotFoundError:
-        meta = {}  # a bare .bin: token ids are still range-checked while evaluating
+        meta = None  # a bare .bin: token ids are still range-checked while evaluating
     except ValueError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        tokens = load_tokens(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not read tokens from {path}: {exc}") from None
-    data_vocab = meta.get("vocab_size")
-    if data_vocab is not None and int(data_vocab) != model_vocab_size:
-        raise UserError(
-            f"{path} was tokenized with vocab_size {data_vocab} but the model's vocab_size is {model_vocab_size}; "
-            "evaluate with data tokenized by the model's tokenizer"
-        )
-    if len(tokens) < 2:
-        raise UserError(f"{path} holds {len(tokens)} token(s); at least 2 are needed to evaluate")
-    return tokens
+        raise DataError(str(exc)) from None
+    check_token_file(str(path), meta, path.stat().st_size, vocab_size=model_vocab_size, min_tokens=2,
+                     config_hint="", redo="uv run python prepare_data.py --use-existing-tokenizer ...",
+                     vocab_fix="evaluate with data tokenized by the model's tokenizer", too_short="to evaluate",
+                     what="the model's vocab_size")
+    return load_tokens(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,39 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.max_tokens is not None and args.max_tokens < 2:
             raise UserError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         device = pick_device(args.device)
-        model, _ = load_checkpoint_model(args.checkpoint, device)
+        model, _ = load_model_with_info(args.checkpoint, device)
         if args.context_length is not None and not 1 <= args.context_length <= model.context_length:
             raise UserError(f"--context-length must be in [1, {model.context_length}] for this model, got {args.context_length}")
         tokens = load_checked_tokens(args.data, model.vocab_size)
         if args.max_tokens is not None:
             tokens = tokens[: args.max_tokens]
-        result = evaluate(
-            model,
-            tokens,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            device=device,
-            progress=not args.no_progress,
-        )
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            result = evaluate(model, tokens, context_length=args.context_length, batch_size=args.batch_size,
+                              device=device, progress=not args.no_progress)
+        except ValueError as exc:  # a token id outside the model's vocab
+            raise UserError(f"{args.data}: {exc}") from None
+        if args.json:
+            print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
+        else:
+            print(f"loss: {result['loss']:.4f}")
+            print(f"perplexity: {result['perplexity']:.4f}")
+            print(f"tokens: {result['num_tokens']:,}")
 
-    if args.json:
-        print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
-    else:
-        print(f"loss: {result['loss']:.4f}")
-        print(f"perplexity: {result['perplexity']:.4f}")
-        print(f"tokens: {result['num_tokens']:,}")
-    return 0
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import os
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,8 +25,9 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 
 import torch
 
-from cs336_basics.device import DeviceError
-from cs336_basics.device import pick_device as choose_device
+from cs336_basics.checkpoint import load_model_with_info
+from cs336_basics.common import UserError, one_line, run_cli
+from cs336_basics.device import pick_device
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -198,41 +199,6 @@ class TextStreamer:
 # ----------------------------------------------------------------------------- CLI
 
 
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
-
-
-def pick_device(name: str) -> torch.device:
-    """``--device``: auto (cuda, then mps, then cpu) or a device that exists here; else a UserError."""
-    try:
-        return choose_device(name)
-    except DeviceError as exc:
-        raise UserError(f"--device {name}: {exc}; use --device cpu or auto") from None
-
-
-def load_checkpoint_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The model and the checkpoint's config dict, or a UserError naming the file."""
-    from cs336_basics.checkpoint import load_model, read_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (download it first or pass --checkpoint PATH)")
-    try:
-        config = read_checkpoint(path).get("config")
-        model = load_model(path, device=device)
-    except (OSError, ValueError) as exc:  # unreadable or not a training checkpoint; the message names the file
-        raise UserError(one_line(str(exc))) from None
-    except Exception as exc:  # e.g. weights that do not fit the saved model config
-        raise UserError(one_line(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}")) from None
-    return model, config if isinstance(config, dict) else {}
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """Collapse a (possibly multi-line) message into one line of at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
     """``--tokenizer-dir`` if given, else the checkpoint's ``data.tokenizer_dir`` when it exists here,
     else ``tokenizer``."""
@@ -245,18 +211,16 @@ def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
 
 
 def load_checked_tokenizer(directory: Path, model_vocab_size: int):
-    """Load the tokenizer in ``directory`` and check it fits the model; UserError otherwise."""
-    from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, load_tokenizer
+    """Load the tokenizer in ``directory`` (ours, or a tokenizer.json / GPT-2 files) and check it fits the model."""
+    from cs336_basics.tokenizer import load_tokenizer
 
-    missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise UserError(
-            f"tokenizer files missing in {directory}/: {', '.join(missing)} "
-            "(pass --tokenizer-dir DIR pointing at the tokenizer used for training)"
-        )
     try:
         tokenizer = load_tokenizer(directory)  # with the special tokens saved beside it
-    except Exception as exc:  # unreadable pickles, a vocab without all 256 bytes, ...
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc} (pass --tokenizer-dir DIR pointing at the tokenizer used for training)") from None
+    except UserError:
+        raise
+    except Exception as exc:  # a vocab without all 256 bytes, ...
         raise UserError(one_line(f"could not load the tokenizer in {directory}/: {exc}")) from None
     if tokenizer.vocab_size != model_vocab_size:
         raise UserError(
@@ -264,6 +228,19 @@ def load_checked_tokenizer(directory: Path, model_vocab_size: int):
             f"{model_vocab_size}: pass --tokenizer-dir with the tokenizer the model was trained with"
         )
     return tokenizer
+
+
+def warn_if_other_tokenizer(directory: Path, trained_with: str | None) -> None:
+    """A warning when the tokenizer files differ from those the model was trained with (the checkpoint records
+    their sha256): same vocab size, different tokens, so the text would be gibberish."""
+    from cs336_basics.data import tokenizer_sha256
+    from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE
+
+    vocab, merges = directory / VOCAB_FILE, directory / MERGES_FILE
+    if trained_with and vocab.is_file() and merges.is_file() and tokenizer_sha256(vocab, merges) != trained_with:
+        print(f"warning: the tokenizer in {directory}/ is not the one this model was trained with (its sha256 "
+              "differs from the checkpoint's record): the text may be gibberish; pass --tokenizer-dir with the "
+              "tokenizer that made the training data", file=sys.stderr)
 
 
 def eos_id_of(tokenizer) -> int | None:
@@ -296,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
@@ -305,32 +282,26 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         check_args(args)
         device = pick_device(args.device)
-        model, config = load_checkpoint_model(args.checkpoint, device)
-        tokenizer = load_checked_tokenizer(resolve_tokenizer_dir(args.tokenizer_dir, config), model.vocab_size)
+        model, info = load_model_with_info(args.checkpoint, device)
+        tokenizer_dir = resolve_tokenizer_dir(args.tokenizer_dir, info["config"])
+        tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size)
+        warn_if_other_tokenizer(tokenizer_dir, info.get("tokenizer_sha256"))
         eos_id = eos_id_of(tokenizer)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:
             if eos_id is None:
                 raise UserError(f"--prompt is empty and the tokenizer has no {EOS_TOKEN} token to start from")
             prompt_ids = [eos_id]
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    try:
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         write_samples(model, tokenizer, args, prompt_ids, eos_id, generator, sys.stdout)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+
+    return run_cli(run, interrupted="")
 
 
 def write_samples(model, tokenizer, args: argparse.Namespace, prompt_ids: list[int], eos_id: int | None,

@@ -10,25 +10,29 @@ Inside the volume ``transformer-training-vol`` tokenized data lives under ``/dat
 (the workflow's examples); list without it shows both folders.
 
 The operations are plain functions taking the volume object, so they run the same against ``modal.Volume`` and
-the in-process stand-in the tests use; the local entrypoint only parses and dispatches.
+the in-process stand-in the tests use; the local entrypoint only parses and dispatches. Under ``modal run`` the
+arguments are checked when the file is imported, before the credentials and before Modal connects; problems print
+one ``error: ...`` line and exit 2 (a user error; 1 when Modal could not be reached), as cs336_basics.common says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import modal
 import modal.config
 import modal.exception
 from modal.types import FileEntryType
 
+from cs336_basics.common import EXIT_CRASH, EXIT_USER_ERROR, UserError, one_line
 from cs336_basics.fileio import atomic_output
 
 VOLUME_NAME = "transformer-training-vol"
@@ -41,7 +45,7 @@ SETUP_HINT = "run `modal setup` (or set MODAL_TOKEN_ID / MODAL_TOKEN_SECRET) and
 app = modal.App("cs336-volume-utils")
 
 
-class VolumeError(Exception):
+class VolumeError(UserError):
     """A user-facing problem with a volume operation; its message is the one line the CLI prints."""
 
 
@@ -56,7 +60,7 @@ class RemoteFile:
 
 def metadata_name(bin_name: str) -> str:
     """Name of the metadata JSON that tokenize_data writes beside ``bin_name`` (same folder)."""
-    from cs336_basics.tokenize_data import metadata_path
+    from cs336_basics.data import metadata_path
 
     return metadata_path(Path(bin_name)).as_posix()
 
@@ -146,10 +150,7 @@ def upload(
 
     Refuses to replace an existing remote file unless ``force``.
     """
-    local = Path(local_path)
-    if not local.is_file():
-        hint = " (tokenize first: uv run python prepare_data.py ...)" if local.suffix == ".bin" else ""
-        raise VolumeError(f"local file {str(local)!r} does not exist or is not a file{hint}")
+    local = _local_file(local_path)
     remote_name = remote_name or local.name
     targets = [(local, remote_path(remote_name, data_type))]
     local_meta = Path(metadata_name(str(local)))
@@ -164,10 +165,20 @@ def upload(
             "(or choose another --remote-name)"
         )
     total = sum(src.stat().st_size for src, _ in targets)
-    with _upload_progress(total, progress) as callback, _open_batch(volume, force, callback) as batch:
+    transfer = _TqdmTransfer(None) if progress else None
+    batch_context, reports_bytes = _upload_context(volume, force, transfer)
+    with _upload_progress(total, transfer, batch_context, reports_bytes) as batch:
         for src, dst in targets:
-            batch.put_file(str(src), "/" + dst)
+            batch.put_file(str(src), "/" + dst)  # a path: the client opens the file itself, once per reader
     return [(str(src), "/" + dst) for src, dst in targets]
+
+
+def _local_file(path: str | Path) -> Path:
+    local = Path(path)
+    if not local.is_file():
+        hint = " (tokenize first: uv run python prepare_data.py ...)" if local.suffix == ".bin" else ""
+        raise VolumeError(f"local file {str(local)!r} does not exist or is not a file{hint}")
+    return local
 
 
 def download(
@@ -230,11 +241,15 @@ def _stream_to_file(volume: Any, path: str, dest: Path, size: int, progress: boo
 
 
 class _TqdmTransfer:
-    """Adapts Modal's transfer progress callback (name/size, task_id+advance/reset/complete) to one tqdm bar."""
+    """Adapts Modal's transfer progress callback (name/size, task_id+advance/reset/complete) to one tqdm bar.
+
+    ``sent`` counts the bytes the client reported sending (minus retried ones), whether or not a bar is attached.
+    """
 
     def __init__(self, bar: Any):
         self.bar = bar
-        self.done: dict[int, float] = {}
+        self.done: dict[Any, float] = {}
+        self.sent = 0.0
 
     def __call__(self, task_id: Any = None, advance: float | None = None, name: str | None = None,
                  size: float | None = None, reset: bool | None = False, complete: bool | None = False) -> Any:
@@ -244,42 +259,87 @@ class _TqdmTransfer:
                 return len(self.done) - 1
             return None
         if reset:
-            self.bar.update(-self.done.get(task_id, 0.0))
+            self._update(-self.done.get(task_id, 0.0))
             self.done[task_id] = 0.0
         elif advance is not None:
             self.done[task_id] = self.done.get(task_id, 0.0) + advance
-            self.bar.update(advance)
+            self._update(advance)
         return None
 
-
-@contextlib.contextmanager
-def _upload_progress(total: int, enabled: bool) -> Iterator[Callable[..., Any] | None]:
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    print(f"Hashing and uploading {human_size(total)} (blocks the volume already holds are skipped)...")
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar:
-        yield _TqdmTransfer(bar)
-        bar.update(total - bar.n)  # blocks the volume already held were never sent
+    def _update(self, n: float) -> None:
+        self.sent += n
+        if self.bar is not None:
+            self.bar.update(n)
 
 
-def _open_batch(volume: Any, force: bool, progress_cb: Callable[..., Any] | None) -> Any:
-    """``volume.batch_upload(force=force)``, reporting bytes to ``progress_cb`` where the installed modal allows.
+def _upload_context(volume: Any, force: bool, progress_cb: _TqdmTransfer | None) -> tuple[Any, bool]:
+    """The upload batch for ``volume`` and whether it reports the bytes it sends to ``progress_cb``.
 
-    ``Volume.batch_upload`` takes no progress callback; the upload context it builds does (``modal volume put``
-    uses it), so for a real volume we build that context the same way. Any mismatch falls back to the public call.
+    ``Volume.batch_upload`` takes no progress callback. ``modal volume put`` builds the same upload context with one
+    (``AbstractVolumeUploadContextManager.resolve``), which needs the volume's file-system version; the public
+    wrapper has no ``_metadata`` attribute but does have ``_get_metadata()``, the one non-public call made here.
+    (A file object that counts its reads cannot stand in: for v2 volumes the client reads through a duplicate of its
+    file descriptor, and for large v1 uploads it re-opens the file by name, so only hashing would be counted.)
+    Any other volume, or a modal client without these, gets the public ``batch_upload`` and no byte counts.
     """
     if progress_cb is not None and isinstance(volume, modal.Volume):
         try:
             volume.hydrate()
-            return modal.volume.AbstractVolumeUploadContextManager.resolve(
-                volume._metadata.version, volume.object_id, volume.client, progress_cb=progress_cb, force=force
+            version = volume._get_metadata().version
+            context = modal.volume.AbstractVolumeUploadContextManager.resolve(
+                version, volume.object_id, volume.client, progress_cb=progress_cb, force=force
             )
-        except (AttributeError, TypeError):
+            return context, True
+        except (AttributeError, TypeError, RuntimeError):
             pass
-    return volume.batch_upload(force=force)
+    return volume.batch_upload(force=force), False
+
+
+@contextlib.contextmanager
+def _upload_progress(total: int, transfer: _TqdmTransfer | None, batch_context: Any, reports_bytes: bool) -> Iterator[Any]:
+    """Enter ``batch_context`` (the upload happens when it exits) under a progress display unless ``transfer`` is None.
+
+    With byte reports a tqdm bar counts the bytes sent; without them the display says so and shows the time taken,
+    rather than a bar that sits at 0 and then jumps to 100 %.
+    """
+    if transfer is None:
+        with batch_context as batch:
+            yield batch
+        return
+    from tqdm import tqdm
+
+    print(f"Hashing and uploading {human_size(total)} (blocks the volume already holds are skipped)...", flush=True)
+    if not reports_bytes:
+        start = time.monotonic()
+        with batch_context as batch:
+            yield batch
+        print(f"Uploaded in {time.monotonic() - start:.0f} s (this volume reports no byte progress)", flush=True)
+        return
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload") as bar:
+        transfer.bar = bar
+        with batch_context as batch:
+            yield batch
+        bar.update(total - bar.n)  # blocks the volume already held were never sent
+
+
+def check_action_args(action: str, local_path: str = "", remote_name: str = "", data_type: str = "",
+                      force: bool = False) -> None:
+    """VolumeError for arguments no volume could satisfy; checked before Modal is contacted (and again by run_action)."""
+    if action not in ACTIONS:
+        raise VolumeError(f"unknown --action {action!r}: use one of {', '.join(ACTIONS)}")
+    if data_type and data_type not in REMOTE_DIRS:
+        raise VolumeError(f"unknown --data-type {data_type!r}: use 'data' or 'checkpoint'")
+    if action == "list":
+        return
+    data_type = data_type or DEFAULT_DATA_TYPE[action]
+    if action == "upload":
+        if not local_path:
+            raise VolumeError("--action upload needs --local-path (e.g. --local-path data/train.bin)")
+        remote_path(remote_name or _local_file(local_path).name, data_type)
+        return
+    if not remote_name:
+        raise VolumeError(f"--action {action} needs --remote-name (see --action list --data-type {data_type})")
+    remote_path(remote_name, data_type)
 
 
 def run_action(
@@ -293,21 +353,14 @@ def run_action(
     progress: bool = True,
 ) -> str:
     """Perform one CLI action and return what to print; raises VolumeError for anything the user must fix."""
-    if action not in ACTIONS:
-        raise VolumeError(f"unknown --action {action!r}: use one of {', '.join(ACTIONS)}")
-    if data_type and data_type not in REMOTE_DIRS:
-        raise VolumeError(f"unknown --data-type {data_type!r}: use 'data' or 'checkpoint'")
+    check_action_args(action, local_path, remote_name, data_type, force)
     if action == "list":
         types = [data_type] if data_type else list(REMOTE_DIRS)
         return "\n".join(format_listing(list_files(volume, t), t) for t in types)
     data_type = data_type or DEFAULT_DATA_TYPE[action]
     if action == "upload":
-        if not local_path:
-            raise VolumeError("--action upload needs --local-path (e.g. --local-path data/train.bin)")
         pairs = upload(volume, local_path, remote_name or None, data_type, force, progress=progress)
         return "\n".join(f"Uploaded {src} -> {VOLUME_NAME}:{dst}" for src, dst in pairs)
-    if not remote_name:
-        raise VolumeError(f"--action {action} needs --remote-name (see --action list --data-type {data_type})")
     if action == "download":
         existed = _local_target_exists(local_path, remote_name, data_type)
         dest = download(volume, remote_name, local_path or None, data_type, progress=progress)
@@ -323,38 +376,135 @@ def _local_target_exists(local_path: str | None, remote_name: str, data_type: st
     return (dest / base).exists() if dest.is_dir() else dest.exists()
 
 
-def user_error_line(exc: BaseException) -> str | None:
-    """The one line to print for errors a user can fix (bad input, no credentials, no network), else None."""
-    if isinstance(exc, VolumeError):
-        return f"error: {exc}"
+# ----------------------------------------------------------------------------- command line (shared with train_modal)
+
+
+def cli_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for an error the user can act on (bad input, credentials, network), else None."""
+    if isinstance(exc, UserError):
+        return f"error: {one_line(exc)}", exc.exit_code
     if isinstance(exc, modal.exception.AuthError):
-        return f"error: Modal rejected the credentials ({exc}); {SETUP_HINT}"
+        return f"error: Modal rejected the credentials ({one_line(exc)}); {SETUP_HINT}", EXIT_USER_ERROR
     if isinstance(exc, modal.exception.PermissionDeniedError):
-        return f"error: Modal denied access ({exc}); check the workspace (`modal profile current`) or {SETUP_HINT}"
-    if isinstance(exc, modal.exception.ConnectionError):
-        return f"error: could not reach Modal ({exc}); check the network, and if this machine was never set up, {SETUP_HINT}"
+        return (f"error: Modal denied access ({one_line(exc)}); check the workspace (`modal profile current`) "
+                f"or {SETUP_HINT}"), EXIT_USER_ERROR
+    if isinstance(exc, modal.exception.ConnectionError):  # may pass: exit 1, like any failure worth retrying
+        return (f"error: could not reach Modal ({one_line(exc)}); check the network, and if this machine was never "
+                f"set up, {SETUP_HINT}"), EXIT_CRASH
     if isinstance(exc, FileExistsError):
-        return f"error: {exc}; pass --force to replace it"
+        return f"error: {one_line(exc)}; pass --force to replace it", EXIT_USER_ERROR
     return None
 
 
-def exit_unless_credentials(argv: list[str] | None = None) -> None:
-    """Under ``modal run`` on this machine with no Modal credentials, stop with one line saying to run ``modal setup``.
+def fail(line: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print one ``error: ...`` line to stderr and exit with ``code`` (``modal run`` passes it on)."""
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
-    Called when the module is imported: ``modal run`` imports the file before it connects, and the client's own
-    error would come later and name another command.
+
+def exit_on_cli_error(exc: BaseException) -> None:
+    """Exit with the one line for ``exc`` when the user can act on it; return (so the caller re-raises) otherwise."""
+    found = cli_error(exc)
+    if found is not None:
+        fail(*found)
+
+
+_RUN_OPTIONS_WITH_VALUE = {"-n", "--name", "-w", "--write-result", "-e", "--env", "--profile"}
+
+
+def modal_run_args(argv: list[str], script: str) -> tuple[list[str], set[str]] | None:
+    """(entrypoint arguments, ``modal run`` options) when ``argv`` is ``modal run [OPTIONS] <script> ARGS``, else None.
+
+    ``script`` is the file name, e.g. "modal_utils.py"; ``-m cs336_basics.modal_utils`` and ``file.py::main`` count.
     """
-    argv = sys.argv if argv is None else argv
-    if Path(argv[0]).name != "modal" or argv[1:2] != ["run"] or not modal.is_local():
-        return
+    if len(argv) < 3 or Path(argv[0]).name not in ("modal", "__main__.py") or argv[1] != "run":
+        return None
+    options, module_mode, i = set(), False, 2
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        flag = argv[i].split("=", 1)[0]
+        options.add(flag)
+        module_mode = module_mode or flag == "-m"
+        i += 2 if flag in _RUN_OPTIONS_WITH_VALUE and "=" not in argv[i] else 1
+    if i >= len(argv):
+        return None
+    ref = argv[i].split("::", 1)[0]
+    name = ref.rsplit(".", 1)[-1] + ".py" if module_mode else Path(ref).name
+    return (argv[i + 1 :], options) if name == script else None
+
+
+def parse_cli_args(tokens: list[str], entrypoint: Callable[..., Any],
+                   repeatable: Collection[str] = ()) -> dict[str, Any] | None:
+    """The keyword arguments ``modal run`` would pass ``entrypoint`` for ``tokens``; None when it would not parse them.
+
+    Follows Modal's rules: ``local_path`` is ``--local-path VALUE`` (or ``--local-path=VALUE``), a bool is
+    ``--force`` / ``--no-force``. Anything else (``--help``, unknown flags, missing values) gives None, and Modal's
+    own parser reports it. A parameter named in ``repeatable`` gets the list of every value given: Modal's parser
+    keeps only the last one of a repeated flag.
+    """
+    params = inspect.signature(entrypoint).parameters
+    flags = {name.replace("_", "-"): p for name, p in params.items()}
+    out: dict[str, Any] = {name: [] for name in repeatable}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            return None
+        flag, has_value, value = token[2:].partition("=")
+        param = flags.get(flag)
+        if param is None and flag.startswith("no-") and isinstance(getattr(flags.get(flag[3:]), "default", None), bool):
+            if has_value:
+                return None
+            out[flags[flag[3:]].name] = False
+        elif param is None:
+            return None
+        elif isinstance(param.default, bool):
+            if has_value:
+                return None
+            out[param.name] = True
+        else:
+            if not has_value:
+                if i + 1 >= len(tokens):
+                    return None
+                value, i = tokens[i + 1], i + 1
+            if param.name in repeatable:
+                out[param.name].append(value)
+            else:
+                out[param.name] = value
+        i += 1
+    if any(p.default is inspect.Parameter.empty and name not in out for name, p in params.items()):
+        return None
+    return {name: out.get(name, p.default) for name, p in params.items()}
+
+
+def has_credentials() -> bool:
+    """True when this machine has a Modal token (``modal setup`` or MODAL_TOKEN_ID / MODAL_TOKEN_SECRET)."""
     settings = modal.config.config
-    if any(settings.get(key) for key in ("token_id", "token_secret", "oauth_refresh_token", "oauth_client_id")):
-        return
-    print(f"error: no Modal credentials on this machine: {SETUP_HINT}", file=sys.stderr)
-    raise SystemExit(1)
+    return any(settings.get(key) for key in ("token_id", "token_secret", "oauth_refresh_token", "oauth_client_id"))
 
 
-exit_unless_credentials()
+def check_before_connecting(argv: list[str], script: str, entrypoint: Callable[..., Any],
+                            check: Callable[..., None], repeatable: Collection[str] = ()) -> dict[str, Any] | None:
+    """Under ``modal run <script>`` on this machine: check the arguments, then the credentials, before Modal connects.
+
+    Runs when the script is imported (``modal run`` imports the file before it parses the arguments and connects):
+    ``check(**kwargs)`` raises UserError for bad arguments; without credentials the line says to run ``modal setup``.
+    Either stops with one line and exit code 2. Returns the parsed arguments (lists for the ``repeatable`` ones, see
+    :func:`parse_cli_args`), or None when this is not such a run (tests, imports, the container) or Modal's own
+    parser is to report the arguments.
+    """
+    found = modal_run_args(argv, script)
+    if found is None or not modal.is_local():
+        return None
+    kwargs = parse_cli_args(found[0], entrypoint, repeatable)
+    if kwargs is None:
+        return None
+    try:
+        check(**kwargs)
+    except UserError as exc:
+        fail(f"error: {one_line(exc)}", exc.exit_code)
+    if not has_credentials():
+        fail(f"error: no Modal credentials on this machine: {SETUP_HINT}")
+    return kwargs
 
 
 def open_volume() -> Any:
@@ -362,7 +512,6 @@ def open_volume() -> Any:
     return modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
 
 
-@app.local_entrypoint()
 def main(
     action: Literal["upload", "list", "download", "delete"],
     local_path: str = "",
@@ -374,8 +523,13 @@ def main(
     try:
         print(run_action(open_volume(), action, local_path, remote_name, data_type, force))
     except Exception as exc:
-        line = user_error_line(exc)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        raise SystemExit(1) from None
+        exit_on_cli_error(exc)
+        raise
+
+
+check_before_connecting(sys.argv, "modal_utils.py", main, check_action_args)
+main = app.local_entrypoint()(main)
+
+if __name__ == "__main__":
+    fail("error: run this file with Modal's CLI, e.g. `modal run cs336_basics/modal_utils.py --action list` "
+         "(see MODAL_GUIDE.md)")

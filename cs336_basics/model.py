@@ -1,7 +1,9 @@
-"""A from-scratch pre-norm Transformer language model (CS336 "basics" architecture).
+"""A from-scratch Transformer language model (CS336 "basics" architecture), with the assignment's ablations.
 
 Token embedding -> N x [x + attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> untied LM head.
-Attention is causal multi-head self-attention with interleaved rotary position embeddings (RoPE).
+Attention is causal multi-head self-attention with interleaved rotary position embeddings (RoPE). Everything is
+described by one :class:`~cs336_basics.config.ModelConfig`; its ablation switches (``norm``, ``norm_position``,
+``position_embedding``, ``ffn``) default to this architecture.
 
 Parameter names follow the CS336 conventions (``token_embeddings.weight``, ``layers.{i}.attn.q_proj.weight``,
 ``layers.{i}.ffn.w1.weight``, ``ln_final.weight``, ``lm_head.weight``, ...) so reference weights load as is.
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTENTION_IMPLS = ("sdpa", "reference")
+from cs336_basics.config import ATTENTION_IMPLS, ModelConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,6 +100,18 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # F.silu is the fused kernel for our silu() (tests check they agree).
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SiLUFeedForward(nn.Module):
+    """Ungated feed-forward w2(silu(w1 x)): the SwiGLU ablation (two matrices, so d_ff = 4 d_model matches)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,7 +232,12 @@ class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention; heads are stacked along the rows of q/k/v/output_proj.weight."""
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
-                 *, attention_impl: str = "sdpa", device=None, dtype=None):
+                 *, rope: RotaryPositionalEmbedding | None = None, layer_idx: int = 0, attention_impl: str = "sdpa",
+                 device=None, dtype=None):
+        """RoPE comes from ``rope`` (a table shared between layers) or is built from ``theta``; neither: no RoPE.
+
+        ``layer_idx`` is this layer's slot in a :class:`KVCache`.
+        """
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
@@ -228,16 +247,16 @@ class MultiHeadSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.attention_impl = attention_impl
-        self.layer_idx = 0  # index into a KVCache; TransformerLM sets it
+        self.layer_idx = layer_idx
         self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.rope = None
-        if theta is not None:
+        if rope is None and theta is not None:
             if max_seq_len is None:
                 raise ValueError("RoPE needs max_seq_len")
-            self.rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
+            rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
+        self.rope = rope
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
         """x: [..., seq, d_model] -> [..., seq, d_model]. Positions default to 0..seq-1 (after cached ones)."""
@@ -313,51 +332,61 @@ def _causal_mask(num_queries: int, num_keys: int, device) -> Tensor:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.))."""
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.)); ``norm_position="post"``: ln1(x + attn(x)), ...
+
+    ``norm="none"`` drops both norms; ``ffn="silu"`` swaps SwiGLU for the ungated SiLU feed-forward.
+    """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int, theta: float | None,
-                 *, attention_impl: str = "sdpa", device=None, dtype=None):
+                 *, rope: RotaryPositionalEmbedding | None = None, layer_idx: int = 0, norm: str = "rmsnorm",
+                 norm_position: str = "pre", ffn: str = "swiglu", attention_impl: str = "sdpa", device=None,
+                 dtype=None):
         super().__init__()
-        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta,
+        self.post_norm = norm_position == "post"
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, rope=rope, layer_idx=layer_idx,
                                            attention_impl=attention_impl, device=device, dtype=dtype)
-        self.ln1 = RMSNorm(d_model, device=device, dtype=dtype)
-        self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
-        self.ln2 = RMSNorm(d_model, device=device, dtype=dtype)
+        self.ln1 = _norm(norm, d_model, device, dtype)
+        self.ffn = (SwiGLU if ffn == "swiglu" else SiLUFeedForward)(d_model, d_ff, device=device, dtype=dtype)
+        self.ln2 = _norm(norm, d_model, device, dtype)
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        if self.post_norm:
+            x = self.ln1(x + self.attn(x, token_positions, kv_cache))
+            return self.ln2(x + self.ffn(x))
         x = x + self.attn(self.ln1(x), token_positions, kv_cache)
         return x + self.ffn(self.ln2(x))
+
+
+def _norm(kind: str, d_model: int, device, dtype) -> nn.Module:
+    return RMSNorm(d_model, device=device, dtype=dtype) if kind == "rmsnorm" else nn.Identity()
 
 
 class TransformerLM(nn.Module):
     """Decoder-only LM: returns unnormalised logits [batch, seq, vocab] for token ids [batch, seq]."""
 
-    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: int, rope_theta: float | None, *, attention_impl: str = "sdpa", device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
-                           num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta,
-                           attention_impl=attention_impl)
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self.d_model = d_model
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.d_ff = d_ff
-        self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(
-            TransformerBlock(d_model, num_heads, d_ff, context_length, None,
-                             attention_impl=attention_impl, device=device, dtype=dtype)
-            for _ in range(num_layers)
-        )
+        self.config = c = config
+        self.token_embeddings = Embedding(c.vocab_size, c.d_model, device=device, dtype=dtype)
         # One RoPE table shared by every layer (its buffers are non-persistent, so state_dict keys are unaffected).
-        rope = (RotaryPositionalEmbedding(rope_theta, d_model // num_heads, context_length, device=device)
-                if rope_theta is not None else None)
-        for i, block in enumerate(self.layers):
-            block.attn.rope = rope
-            block.attn.layer_idx = i
-        self.ln_final = RMSNorm(d_model, device=device, dtype=dtype)
-        self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        rope = (RotaryPositionalEmbedding(c.rope_theta, c.d_model // c.num_heads, c.context_length, device=device)
+                if c.position_embedding == "rope" else None)
+        self.layers = nn.ModuleList(
+            TransformerBlock(c.d_model, c.num_heads, c.d_ff, c.context_length, None, rope=rope, layer_idx=i,
+                             norm=c.norm, norm_position=c.norm_position, ffn=c.ffn,
+                             attention_impl=c.attention_impl, device=device, dtype=dtype)
+            for i in range(c.num_layers)
+        )
+        self.ln_final = _norm(c.norm, c.d_model, device, dtype)
+        self.lm_head = Linear(c.d_model, c.vocab_size, device=device, dtype=dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
 
     def forward(self, in_indices: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         seq = in_indices.shape[-1]
@@ -374,9 +403,9 @@ class TransformerLM(nn.Module):
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to context_length positions."""
-        w = self.lm_head.weight
-        return KVCache(self.num_layers, batch_size, self.num_heads, self.context_length,
-                       self.d_model // self.num_heads, device=w.device, dtype=w.dtype)
+        c, w = self.config, self.lm_head.weight
+        return KVCache(c.num_layers, batch_size, c.num_heads, c.context_length, c.d_model // c.num_heads,
+                       device=w.device, dtype=w.dtype)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the token embedding table (the untied lm_head stays)."""
@@ -388,13 +417,16 @@ class TransformerLM(nn.Module):
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Matmul FLOPs per token (the standard 6N + 12 L d T estimate for training, 2N + 4 L d T forward only).
 
-        N counts the weights that take part in a matmul: q/k/v/output projections, SwiGLU w1/w2/w3 and lm_head
-        (4 d^2 + 3 d d_ff per layer plus d * vocab), each costing 2 FLOPs per token forward. Attention scores and the
+        N counts the weights that take part in a matmul: q/k/v/output projections, the feed-forward matrices
+        (SwiGLU w1/w2/w3, or SiLU w1/w2) and lm_head (4 d^2 + 3 d d_ff per layer for SwiGLU, plus d * vocab), each
+        costing 2 FLOPs per token forward. Attention scores and the
         weighted sum of values add 2 * 2 * T * d per layer and token with T = seq_len (default context_length),
         counted without the causal halving. Backward costs twice the forward, hence the factor 3 for training.
         """
-        t = self.context_length if seq_len is None else seq_len
-        d = self.d_model
-        n_matmul = self.num_layers * (4 * d * d + 3 * d * self.d_ff) + d * self.vocab_size
-        forward = 2 * n_matmul + 4 * self.num_layers * t * self.d_model
+        c = self.config
+        t = c.context_length if seq_len is None else seq_len
+        d = c.d_model
+        ffn_matrices = 3 if c.ffn == "swiglu" else 2
+        n_matmul = c.num_layers * (4 * d * d + ffn_matrices * d * c.d_ff) + d * c.vocab_size
+        forward = 2 * n_matmul + 4 * c.num_layers * t * d
         return 3 * forward if training else forward

@@ -113,3 +113,16 @@ def get_lr_cosine_schedule(it: int, max_learning_rate: float, min_learning_rate:
         return min_learning_rate
     progress = (it - warmup_iters) / span
     return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
+
+
+def get_lr_budget_schedule(it: int, fraction: float, max_learning_rate: float, min_learning_rate: float,
+                           warmup_iters: int) -> float:
+    """Learning rate under a time budget: the cosine decay runs on the ``fraction`` of the budget used, not on
+    iterations (how many fit is unknown in advance), times the usual linear warm-up over ``warmup_iters``.
+
+    fraction 0 gives max (after warm-up), fraction >= 1 gives min, so the schedule reaches its minimum exactly as
+    the budget ends whatever the throughput.
+    """
+    fraction = min(max(fraction, 0.0), 1.0)
+    cosine = min_learning_rate + 0.5 * (1 + math.cos(math.pi * fraction)) * (max_learning_rate - min_learning_rate)
+    return cosine * it / warmup_iters if it < warmup_iters else cosine

@@ -1,8 +1,6 @@
 """Tokenize a text file into a flat ``.bin`` array of token ids, in parallel, plus a JSON sidecar.
 
-Layout: ``train.bin`` holds the ids back to back (``uint16`` when every id fits, i.e. the vocab has at
-most 65,536 entries, else ``uint32``), so ``np.memmap(path, dtype=np.uint16)`` reads it; beside it
-``train.bin.json`` records how it was made (see ``read_metadata``).
+The ``.bin`` layout and its metadata are defined in :mod:`cs336_basics.data`, which also reads them.
 
 Parallelism: the file is cut into chunks of a few MB at *safe* byte offsets, where encoding the two
 halves separately gives exactly the tokens of encoding the whole text (the rule and its proof:
@@ -15,8 +13,6 @@ worker keeps its tokenizer, and so its caches, from one chunk to the next.
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
 import multiprocessing as mp
 import os
 from collections import deque
@@ -27,20 +23,13 @@ from typing import Protocol
 
 import numpy as np
 
+from cs336_basics.data import DataError, make_metadata, token_dtype, write_metadata
 from cs336_basics.fileio import atomic_output
+# find_safe_boundaries is also imported from here by callers (and tests) that chunk files.
 from cs336_basics.pretokenize import POOL_MIN_BYTES, find_safe_boundaries, ignore_sigint
 
-__all__ = ["DataError", "TokenizeResult", "check_text_file", "find_safe_boundaries", "metadata_path",
-           "read_metadata", "token_dtype", "tokenize_file", "tokenizer_sha256"]
-
-FORMAT_VERSION = 1
-METADATA_SUFFIX = ".json"  # data/train.bin -> data/train.bin.json
 MAX_CHUNK_BYTES = 4 << 20  # per task: bounds the memory a worker needs besides its caches (~40 MB)
 MIN_CHUNK_BYTES = 256 << 10
-
-
-class DataError(ValueError):
-    """A problem with the user's input or output paths; its message is one line meant for the user."""
 
 
 class Encoder(Protocol):
@@ -56,51 +45,6 @@ class TokenizeResult:
     output_bytes: int
     dtype: str
     metadata: dict
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype holding ids ``0 .. vocab_size - 1``."""
-    if vocab_size <= 1 << 16:
-        return np.dtype(np.uint16)
-    if vocab_size <= 1 << 32:
-        return np.dtype(np.uint32)
-    raise ValueError(f"vocab_size {vocab_size:,} does not fit in uint32 token ids")
-
-
-def metadata_path(bin_path: str | Path) -> Path:
-    """``data/train.bin`` -> ``data/train.bin.json``."""
-    bin_path = Path(bin_path)
-    return bin_path.with_name(bin_path.name + METADATA_SUFFIX)
-
-
-def read_metadata(bin_path: str | Path) -> dict:
-    """The sidecar metadata of a ``.bin`` file.
-
-    Stable keys: ``format_version``, ``dtype`` ("uint16"/"uint32"), ``vocab_size``, ``num_tokens``,
-    ``special_tokens``, ``source`` ({"name", "size_bytes"}), ``tokenizer_sha256``.
-    Raises FileNotFoundError when the sidecar is missing, ValueError when it is unreadable.
-    """
-    path = metadata_path(bin_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no metadata file {path} beside {bin_path} (re-create it with prepare_data.py)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read metadata file {path}: {e}") from None
-    missing = [k for k in ("dtype", "vocab_size", "num_tokens", "special_tokens", "tokenizer_sha256") if k not in meta]
-    if not isinstance(meta, dict) or missing:
-        raise ValueError(f"metadata file {path} lacks keys {missing}; re-create it with prepare_data.py")
-    return meta
-
-
-def tokenizer_sha256(vocab_path: str | Path, merges_path: str | Path) -> str:
-    """sha256 of the bytes of vocab.pkl followed by merges.pkl: identifies the tokenizer a .bin was made with."""
-    h = hashlib.sha256()
-    for p in (vocab_path, merges_path):
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def check_text_file(path: str | Path, *, block_bytes: int = 16 << 20) -> int:
@@ -229,17 +173,9 @@ def tokenize_file(
         if bar is not None:
             bar.close()
 
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": int(vocab_size),
-        "num_tokens": num_tokens,
-        "special_tokens": list(special_tokens),
-        "source": {"name": input_path.name, "size_bytes": input_bytes},
-        "tokenizer_sha256": tokenizer_hash,
-    }
-    with atomic_output(metadata_path(output_path)) as tmp:
-        tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    metadata = make_metadata(vocab_size=vocab_size, num_tokens=num_tokens, special_tokens=list(special_tokens),
+                             source_name=input_path.name, source_bytes=input_bytes, tokenizer_sha256=tokenizer_hash)
+    write_metadata(output_path, metadata)
     return TokenizeResult(num_tokens, input_bytes, num_tokens * dtype.itemsize, dtype.name, metadata)
 
 

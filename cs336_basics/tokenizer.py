@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cs336_basics.common import UserError, one_line
 from cs336_basics.fileio import atomic_output
 from cs336_basics.gpt2 import load_gpt2_merges, load_gpt2_vocab
 from cs336_basics.pretokenize import NON_SPACE_AT, last_space_cut, pretokenize, special_token_regex
@@ -273,7 +274,11 @@ class Tokenizer:
     def from_files(
         cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike, special_tokens: list[str] | None = None
     ) -> Tokenizer:
-        """Load our pickles (``vocab.pkl``, ``merges.pkl``) or GPT-2 files (``vocab.json``, ``merges.txt``)."""
+        """Load our pickles (``vocab.pkl``, ``merges.pkl``) or GPT-2 files (``vocab.json``, ``merges.txt``).
+
+        Pickles are read without running code: one that refers to any class or function is refused. A missing
+        file raises FileNotFoundError; a damaged, unsafe or unknown one TokenizerFileError (a ValueError), one line.
+        """
         return cls(_load_vocab(Path(vocab_path)), _load_merges(Path(merges_path)), special_tokens)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -658,12 +663,29 @@ class Tokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike, special_tokens: list[str] | None = None) -> Tokenizer:
-    """Load a tokenizer saved with :meth:`Tokenizer.save` (special tokens from the folder unless given)."""
+    """Load the tokenizer in ``directory``, written by :meth:`Tokenizer.save` or trained elsewhere.
+
+    Our ``vocab.pkl`` + ``merges.pkl`` come first, with the special tokens saved beside them unless
+    ``special_tokens`` is given. Without them, a Hugging Face ``tokenizer.json`` or GPT-2's ``vocab.json`` +
+    ``merges.txt`` (byte-level BPE only) is read instead: its added tokens are special, plus ``special_tokens``.
+    """
     directory = Path(directory)
-    if special_tokens is None and (directory / SPECIAL_TOKENS_FILE).exists():
-        special_tokens = json.loads((directory / SPECIAL_TOKENS_FILE).read_text(encoding="utf-8"))
+    if not (directory / VOCAB_FILE).exists() and not (directory / MERGES_FILE).exists():
+        from cs336_basics.hf_tokenizer import foreign_tokenizer_files, read_tokenizer
+
+        if foreign_tokenizer_files(directory):
+            return read_tokenizer(directory, special_tokens)
+        raise FileNotFoundError(f"tokenizer file not found: {directory / VOCAB_FILE} (nor a tokenizer.json, nor "
+                                f"vocab.json + merges.txt, in {directory}/)")
+    specials_path = directory / SPECIAL_TOKENS_FILE
+    if special_tokens is None and specials_path.exists():
+        try:
+            special_tokens = json.loads(specials_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise TokenizerFileError(f"{specials_path} is not JSON ({one_line(e, 80)}); expected a list of "
+                                     "strings such as [\"<|endoftext|>\"]") from None
         if not isinstance(special_tokens, list) or not all(isinstance(t, str) for t in special_tokens):
-            raise ValueError(f"{directory / SPECIAL_TOKENS_FILE}: expected a JSON list of strings")
+            raise TokenizerFileError(f"{specials_path}: expected a JSON list of strings")
     return Tokenizer.from_files(directory / VOCAB_FILE, directory / MERGES_FILE, special_tokens)
 
 
@@ -720,6 +742,63 @@ def _settled_pretokens(pretokens: list[str], stop: int) -> tuple[int, int]:
     return keep, cut
 
 
+class TokenizerFileError(UserError, ValueError):
+    """A tokenizer file that is missing pieces, damaged, unsafe or of an unknown kind; the message names it."""
+
+
+# The only globals a tokenizer pickle may name: protocols 0-2 store bytes as _codecs.encode(str, "latin1").
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as encode(str, 'latin1')")
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    if args:
+        raise pickle.UnpicklingError("bytes(...) is allowed only without arguments")
+    return b""
+
+
+_SAFE_GLOBALS = {("_codecs", "encode"): _latin1_encode, ("builtins", "bytes"): _empty_bytes,
+                 ("__builtin__", "bytes"): _empty_bytes}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, ints, str and bytes only: any other global (a class or function, the only
+    way a pickle can run code) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str):
+        safe = _SAFE_GLOBALS.get((module, name))
+        if safe is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return safe
+
+
+def _unpickle(path: Path, expected: str) -> object:
+    """The object in a tokenizer pickle, read without running code; TokenizerFileError when unsafe or damaged."""
+    try:
+        with open(path, "rb") as f:
+            return _SafeUnpickler(f).load()
+    except _RefusedGlobal as e:
+        raise TokenizerFileError(
+            f"refused to load {path}: it refers to the Python object {e}, and a tokenizer pickle holds only "
+            f"{expected}; loading it could run code. Use tokenizer files written by this project "
+            "(prepare_data.py, or python -m cs336_basics.export import-tokenizer)"
+        ) from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # garbage and truncation raise many types: UnpicklingError, EOFError, ValueError, ...
+        raise TokenizerFileError(
+            f"cannot load the tokenizer: {path} is not a tokenizer pickle (damaged, truncated or another kind of file: "
+            f"{type(e).__name__}: {one_line(e, 80)}); re-create it by running prepare_data.py without "
+            "--use-existing-tokenizer, or import a tokenizer.json / vocab.json + merges.txt"
+        ) from None
+
+
 def _require(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -728,31 +807,39 @@ def _require(path: Path) -> None:
 def _load_vocab(path: Path) -> dict[int, bytes]:
     _require(path)
     if path.suffix == ".json":
-        return load_gpt2_vocab(path)
+        try:
+            return load_gpt2_vocab(path)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, a char outside GPT-2's bytes
+            raise TokenizerFileError(f"{path} is not a GPT-2 style vocab.json ({{token: id}} in GPT-2's byte "
+                                     f"alphabet): {type(e).__name__}: {one_line(e, 80)}") from None
     if path.suffix in (".pkl", ".pickle"):
-        with open(path, "rb") as f:
-            vocab = pickle.load(f)
+        vocab = _unpickle(path, "a dict of int -> bytes")
         if not isinstance(vocab, dict) or not all(
             isinstance(i, int) and isinstance(b, bytes) for i, b in vocab.items()
         ):
-            raise ValueError(f"{path}: expected a pickled dict[int, bytes]")
+            raise TokenizerFileError(f"{path}: expected a pickled dict[int, bytes], found {type(vocab).__name__}")
         return vocab
-    raise ValueError(f"{path}: unknown vocab format (use .pkl for dict[int, bytes] or .json for GPT-2 style)")
+    raise TokenizerFileError(f"{path}: unknown vocab format (use .pkl for dict[int, bytes] or .json for GPT-2 style)")
 
 
 def _load_merges(path: Path) -> list[tuple[bytes, bytes]]:
     _require(path)
     if path.suffix == ".txt":
-        return load_gpt2_merges(path)
+        try:
+            return load_gpt2_merges(path)
+        except (ValueError, KeyError) as e:  # a line without exactly one space, a char outside GPT-2's bytes
+            raise TokenizerFileError(f"{path} is not a GPT-2 style merges.txt (one 'a b' pair a line, in GPT-2's "
+                                     f"byte alphabet): {type(e).__name__}: {one_line(e, 80)}") from None
     if path.suffix in (".pkl", ".pickle"):
-        with open(path, "rb") as f:
-            merges = pickle.load(f)
+        merges = _unpickle(path, "a list of (bytes, bytes) tuples")
         if not isinstance(merges, list) or not all(
             isinstance(m, tuple) and len(m) == 2 and all(isinstance(x, bytes) for x in m) for m in merges
         ):
-            raise ValueError(f"{path}: expected a pickled list[tuple[bytes, bytes]]")
+            raise TokenizerFileError(f"{path}: expected a pickled list[tuple[bytes, bytes]], "
+                                     f"found {type(merges).__name__}")
         return merges
-    raise ValueError(f"{path}: unknown merges format (use .pkl for list[tuple[bytes, bytes]] or .txt for GPT-2 style)")
+    raise TokenizerFileError(
+        f"{path}: unknown merges format (use .pkl for list[tuple[bytes, bytes]] or .txt for GPT-2 style)")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

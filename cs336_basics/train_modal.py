@@ -1,53 +1,95 @@
-"""Train the Transformer LM on a Modal GPU, with the project's one training loop (cs336_basics/train.py).
+"""Train the Transformer LM on Modal GPUs, with the project's one training loop (cs336_basics/train.py).
 
-    modal run cs336_basics/train_modal.py [--config-path cs336_basics/config.yaml] [--wandb] [--run-name NAME]
-        [--gpu A10G|A100|A100-80GB|H100|H100:8] [--resume] [--overrides "training.batch_size=16 model.d_model=256"]
+    modal run [--detach] cs336_basics/train_modal.py [--config-path cs336_basics/config.yaml | --preset NAME] [--wandb]
+        [--run-name NAME] [--gpu A10G|H100|H100:8|H100,A100-80GB] [--resume] [--overrides "training.batch_size=16"]
+    modal run cs336_basics/train_modal.py --sweep training.max_lr=1e-4,3e-4 [--sweep ...] [--sweep-name NAME] ...
+    modal run cs336_basics/train_modal.py --attach fc-...[,fc-...]   # wait for detached calls again
+
+Before Modal connects, the arguments and the config are checked, then the credentials (and with ``--wandb`` the
+W&B secret); before any GPU starts, the volume must hold the configured data, matching ``model.vocab_size``. Then
+the plan (GPU, tokens, estimated time and cost) is printed and the training call is *spawned*: Modal re-runs it
+(preemption, a crash, the timeout; up to ``MAX_RETRIES`` times) on its own side, so retries happen even when
+this terminal has gone away (``modal run --detach``). A problem a retry cannot fix (bad config or data, out of GPU
+memory, a diverged run, no CUDA) ends the call at once with its one-line message. An attempt may run 24 h, or, with
+a time budget (``training.max_time``), the budget plus ``BUDGET_MARGIN_S``.
 
 The volume ``transformer-training-vol`` is mounted at ``/vol``: data is read from ``/vol/data/`` (upload it with
-modal_utils.py) and checkpoints go to ``/vol/checkpoints/``, the volume committed after each one. Before any GPU
-starts, the local entrypoint checks that the configured data files are in the volume and match ``model.vocab_size``.
+modal_utils.py) and checkpoints go to ``/vol/checkpoints/``, the volume committed after each one. A restarted call
+resumes by itself: each launch writes its id to ``.launch.json`` in the run's folder, and an attempt that finds its
+own id there is a restart. A new launch without ``--resume`` starts from scratch after moving the previous run's
+files to ``/vol/checkpoints/previous/<UTC time>/``.
 
-Resuming: ``--resume`` continues from the newest checkpoint in ``/vol/checkpoints/``. When Modal restarts the call
-(preemption, a crash, or the 24 h timeout, up to ``MAX_RETRIES`` times) the new attempt resumes by itself: each
-``modal run`` writes a launch id to ``/vol/checkpoints/.launch.json`` and an attempt that finds its own id there is
-a restart. A new ``modal run`` without ``--resume`` starts from scratch after moving the previous run's files to
-``/vol/checkpoints/previous/<UTC time>/``, so nothing is overwritten and a restart never resumes another run.
+``--sweep`` (sweep.py's grid and run names) spawns one call per run, each on its own GPU container, all at once, each
+in ``/vol/checkpoints/sweeps/<sweep name>/<run name>/`` with the same restarts. When a run ends, its container
+rewrites the sweep's table (sweep.json, sweep.csv, curves.png) in the sweep's folder from every run's run.json, so the
+table is complete after the last run even if no terminal waits. The same ``--sweep-name`` again continues a sweep:
+runs that finished or diverged are kept.
 """
 
 from __future__ import annotations
 
+import codecs
 import copy
 import json
+import math
 import os
-import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import modal
 import modal.exception
 
+import cs336_basics
+from cs336_basics import gpus
+from cs336_basics.common import (EXIT_CRASH, EXIT_DIVERGED, EXIT_INTERRUPTED, NO_RETRY_EXIT_CODES, DivergedError,
+                                 UserError, fmt_duration, fmt_si, one_line)
 from cs336_basics.fileio import atomic_output
-from cs336_basics.modal_utils import VOLUME_NAME, list_files, remote_path, user_error_line
+from cs336_basics.modal_utils import (
+    REMOTE_DIRS,
+    VOLUME_NAME,
+    check_before_connecting,
+    exit_on_cli_error,
+    fail,
+    list_files,
+    modal_run_args,
+    remote_path,
+)
+from cs336_basics.modal_worker import STATUS_ENV, exit_codes
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The folder holding the cs336_basics package: the project root here, /root in the container (where Modal puts the
+# package next to this file, which it mounts as /root/train_modal.py; Path(__file__).parent.parent would be "/").
+PROJECT_ROOT = Path(cs336_basics.__file__).resolve().parent.parent
 MOUNT = "/vol"  # the volume's /data and /checkpoints are /vol/data and /vol/checkpoints in the container
 DEFAULT_GPU = "A10G"  # used when --gpu is not given
-GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
 TIMEOUT_S = 24 * 60 * 60  # Modal's maximum per attempt; each retry gets a fresh 24 h
 MAX_RETRIES = 3
 WANDB_SECRET = "wandb-secret"  # modal secret create wandb-secret WANDB_API_KEY=...
 LAUNCH_FILE = ".launch.json"
 ARCHIVE_DIR = "previous"  # a fresh run moves older checkpoints to checkpoints/previous/<time>/
 COMMIT_POLL_S = 30.0  # how often the multi-GPU watcher looks for new checkpoints
+COMMIT_ATTEMPTS = 3  # a failed commit after a checkpoint is retried, then training goes on
+FINAL_COMMIT_ATTEMPTS = 6  # the last commit must succeed
+COMMIT_RETRY_S = 2.0  # first delay between commit attempts, doubled each time
+SWEEPS_DIR = "sweeps"  # a sweep's runs go to checkpoints/sweeps/<sweep name>/<run name>/
+PUBLISH_ROUNDS = 5  # how often a sweep's container rewrites the table while other containers change it
+BUDGET_MARGIN_S = 15 * 60  # an attempt under a time budget may run this much longer: start-up, data copy, last commit
+NOT_ON_MODAL = {  # config keys Modal replaces: a sweep over them would run the same config N times
+    "data.data_dir": "on Modal the data is /data/<data.train_path> in the volume (sweep data.train_path instead)",
+    "data.checkpoint_dir": "on Modal each run of a sweep writes to /checkpoints/sweeps/<sweep name>/<run name>/",
+    "training.device": "on Modal training always runs on the GPU (cuda)",
+}
+MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}  # CUDA major -> minimum NVIDIA driver (CUDA release notes, table 3)
 
 app = modal.App("cs336-train")
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
@@ -56,41 +98,58 @@ image = (
     .uv_sync(str(PROJECT_ROOT), extra_options="--no-dev")  # the locked dependencies from uv.lock, no dev tools
     .add_local_python_source("cs336_basics")
 )
-FUNCTION_OPTIONS: dict[str, Any] = dict(
-    image=image,
-    gpu=DEFAULT_GPU,
-    volumes={MOUNT: volume},
-    timeout=TIMEOUT_S,
-    retries=modal.Retries(max_retries=MAX_RETRIES, initial_delay=10.0, backoff_coefficient=2.0, max_delay=60.0),
-)
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """The launch would fail on the GPU; the message says what to run or change instead."""
 
 
-# ----------------------------------------------------------------------------- launch plan (local)
+class NoCudaError(UserError):
+    """The container's torch sees no GPU; training must not fall back to the CPU while a GPU is billed."""
 
 
-def gpu_count(spec: str) -> int:
-    """Number of GPUs in a Modal GPU spec: 'A100' -> 1, 'H100:8' -> 8; PreflightError for an unknown spec."""
-    match = re.fullmatch(r"([A-Za-z0-9-]+)(?::(\d+))?", spec.strip())
-    kind = match.group(1).upper() if match else ""
-    if kind not in GPU_TYPES:
-        raise PreflightError(f"unknown --gpu {spec!r}: use one of {', '.join(GPU_TYPES)}, optionally with :N GPUs (e.g. H100:8)")
-    count = int(match.group(2) or 1)
-    if not 1 <= count <= 8:
-        raise PreflightError(f"--gpu {spec!r}: a container has 1 to 8 GPUs")
-    return count
+class TorchrunStopped(UserError):
+    """A torchrun worker ended with an exit code a retry cannot change (user error, divergence)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def function_options(gpu: str, wandb: bool) -> dict[str, Any]:
-    """Call-time options for ``train_remote.with_options``: the GPU, and the W&B secret only when logging."""
-    gpu_count(gpu)
-    options: dict[str, Any] = {"gpu": gpu.strip()}
+def function_options(gpu: str = DEFAULT_GPU, wandb: bool = False, timeout_s: int = TIMEOUT_S) -> dict[str, Any]:
+    """The ``@app.function`` options: the GPU (a type, ``TYPE:N`` or a fallback list), the timeout of one attempt
+    (see :func:`attempt_timeout_s`), the W&B secret if logging.
+
+    The GPU is declared here, not through ``with_options`` at call time: this modal client accepts a fallback list
+    only in the declaration (``with_options(gpu=...)`` takes a string). Each attempt gets a container of its own
+    (``single_use_containers``): Modal would otherwise hand a finished container the next queued input (a sweep's
+    next run, or a retry) with the previous run's process state and its view of the volume, which is stale for
+    what other containers committed since.
+    """
+    options: dict[str, Any] = dict(
+        image=image,
+        gpu=gpus.parse_gpu_spec(gpu).modal_value,
+        volumes={MOUNT: volume},
+        timeout=timeout_s,
+        retries=modal.Retries(max_retries=MAX_RETRIES, initial_delay=10.0, backoff_coefficient=2.0, max_delay=60.0),
+        single_use_containers=True,
+    )
     if wandb:
         options["secrets"] = [modal.Secret.from_name(WANDB_SECRET, required_keys=["WANDB_API_KEY"])]
     return options
+
+
+def attempt_timeout_s(configs: Sequence[Any]) -> int:
+    """Modal's timeout for one attempt: with a time budget (``training.max_time``) in every run, the longest budget
+    plus BUDGET_MARGIN_S for start-up, copying the data and the last commit (capped at 24 h), so that an attempt
+    cannot run, and be billed, far past its budget; otherwise 24 h, Modal's maximum."""
+    budgets = [cfg.training.max_time_s for cfg in configs]
+    if not budgets or None in budgets:
+        return TIMEOUT_S
+    return min(TIMEOUT_S, math.ceil(max(budgets) + BUDGET_MARGIN_S))
+
+
+# ----------------------------------------------------------------------------- launch plan (local)
 
 
 def upload_command(local: str | Path, remote_name: str) -> str:
@@ -99,29 +158,31 @@ def upload_command(local: str | Path, remote_name: str) -> str:
 
 
 def read_remote_metadata(vol: Any, remote_name: str) -> dict | None:
-    """The metadata JSON beside a .bin in the volume's /data/, validated as tokenize_data does; None if absent."""
-    from cs336_basics.tokenize_data import metadata_path, read_metadata
+    """The metadata JSON beside a .bin in the volume's /data/, checked as local files are; None if absent."""
+    from cs336_basics.data import metadata_path, parse_metadata
 
     meta_name = metadata_path(Path(remote_name)).as_posix()
     if meta_name not in {f.name for f in list_files(vol, "data")}:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local_bin = Path(tmp) / Path(remote_name).name
-        metadata_path(local_bin).write_bytes(b"".join(vol.read_file("/" + remote_path(meta_name, "data"))))
-        try:
-            return read_metadata(local_bin)
-        except ValueError as exc:
-            raise PreflightError(f"/data/{meta_name} in volume {VOLUME_NAME}: {exc}") from None
+    text = b"".join(vol.read_file("/" + remote_path(meta_name, "data")))
+    try:
+        return parse_metadata(text, f"/data/{meta_name} in volume {VOLUME_NAME}")
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
-    """Check the volume holds the configured data, matching ``model.vocab_size``; returns notes to print.
+    """Check the volume holds the configured data, fitting the model; returns notes to print.
 
-    Raises PreflightError naming the upload command or config change that fixes the first problem found.
+    The checks are data.py's, the ones local training applies, on the volume's listing and metadata. Raises a
+    UserError naming the upload command or config change that fixes the first problem found.
     """
+    from cs336_basics.data import check_same_tokenizer, check_token_file
+
     notes = []
     remote = {f.name: f for f in list_files(vol, "data")}
-    metas = {}
+    metas, labels = {}, {}
+    where = f"in {cfg.source}" if cfg.source else "in your config"
     for split, rel in (("train", cfg.data.train_path), ("val", cfg.data.val_path)):
         if Path(rel).is_absolute():
             raise PreflightError(
@@ -139,36 +200,15 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
         meta = read_remote_metadata(vol, name)
         if meta is None:
             notes.append(f"note: /data/{name} has no metadata JSON beside it, so its vocab_size cannot be checked; "
-                         f"re-upload it from a folder holding {Path(local).name}.json to enable the check")
-            continue
+                         f"re-upload it from a folder holding {local.name}.json to enable the check")
+        labels[split] = f"/data/{name} in volume {VOLUME_NAME}"
         metas[split] = meta
-        vocab = int(meta["vocab_size"])
-        if vocab != cfg.model.vocab_size:
-            where = cfg.source or "the config"
-            raise PreflightError(
-                f"vocab_size mismatch: config model.vocab_size={cfg.model.vocab_size} but /data/{name} was tokenized "
-                f"with a {vocab}-token vocab: set model.vocab_size: {vocab} in {where} (or --overrides "
-                f"model.vocab_size={vocab}), or re-tokenize with --vocab-size {cfg.model.vocab_size} and upload again "
-                "with --force"
-            )
-        itemsize = 2 if meta["dtype"] == "uint16" else 4
-        expected = int(meta["num_tokens"]) * itemsize
-        if remote[name].size != expected:
-            raise PreflightError(
-                f"/data/{name} in volume {VOLUME_NAME} is {remote[name].size} bytes but its metadata says "
-                f"{expected} ({meta['num_tokens']} {meta['dtype']} tokens): the upload is stale or incomplete; "
-                f"{upload_command(local, name)} --force"
-            )
-        if int(meta["num_tokens"]) <= cfg.model.context_length:
-            raise PreflightError(
-                f"/data/{name} holds {meta['num_tokens']} tokens, not more than model.context_length="
-                f"{cfg.model.context_length}: use more data or a smaller context_length"
-            )
-    if len(metas) == 2 and metas["train"].get("tokenizer_sha256") != metas["val"].get("tokenizer_sha256"):
-        raise PreflightError(
-            f"/data/{cfg.data.train_path} and /data/{cfg.data.val_path} were tokenized with different tokenizers: "
-            "tokenize both with the same tokenizer (prepare_data.py --use-existing-tokenizer) and upload them again"
-        )
+        check_token_file(labels[split], meta, remote[name].size, vocab_size=cfg.model.vocab_size,
+                         min_tokens=cfg.model.context_length + 1, config_hint=where,
+                         redo=f"{upload_command(local, name)} --force")
+    check_same_tokenizer(metas["train"], metas["val"], labels["train"], labels["val"],
+                         "tokenize both with the same tokenizer (prepare_data.py --use-existing-tokenizer) and upload "
+                         "them again with --force")
     checkpoints = [f.name for f in list_files(vol, "checkpoint") if f.name.endswith(".pt") and "/" not in f.name]
     if checkpoints and not resume:
         notes.append(f"note: /checkpoints/ holds {len(checkpoints)} checkpoint(s) of an earlier run; this run starts "
@@ -178,53 +218,388 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
 
 
 def check_wandb_secret(lookup: Callable[[str], Any]) -> None:
-    """PreflightError unless the W&B secret exists (``lookup`` hydrates ``modal.Secret.from_name``)."""
+    """PreflightError unless the W&B secret exists with a WANDB_API_KEY (``lookup`` hydrates the secret)."""
     try:
         lookup(WANDB_SECRET)
-    except modal.exception.NotFoundError:
+    except (modal.exception.NotFoundError, modal.exception.InvalidError) as exc:
         raise PreflightError(
-            f"--wandb needs the Modal secret {WANDB_SECRET!r}: create it with "
-            f"`modal secret create {WANDB_SECRET} WANDB_API_KEY=<your key from https://wandb.ai/authorize>`"
+            f"--wandb needs the Modal secret {WANDB_SECRET!r} with the key WANDB_API_KEY (Modal says: {one_line(exc)}): "
+            f"create it with `modal secret create {WANDB_SECRET} WANDB_API_KEY=<your key from "
+            "https://wandb.ai/authorize>` (add --force to replace one that lacks the key)"
         ) from None
+
+
+def _lookup_secret(name: str) -> Any:
+    return modal.Secret.from_name(name, required_keys=["WANDB_API_KEY"]).hydrate()
+
+
+@dataclass
+class LaunchArgs:
+    """The arguments, checked without the network: the GPU, the config, and for a sweep its axes and runs' configs."""
+
+    spec: gpus.GPUSpec
+    cfg: Any  # the config (a sweep's before the swept values)
+    axes: list[tuple[str, list[str]]] | None = None  # --sweep: the keys and their values (sweep.parse_sweep)
+    configs: list[Any] = field(default_factory=list)  # --sweep: each run's config, in grid order
+
+    @property
+    def timeout_s(self) -> int:
+        return attempt_timeout_s(self.configs or [self.cfg])
+
+
+def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str = "", gpu: str = "",
+                      resume: bool = False, overrides: str = "", attach: str = "", preset: str = "",
+                      sweep: str | Sequence[str] = (), sweep_name: str = "") -> LaunchArgs | None:
+    """The checks that need no network: the GPU spec, the config (``--config-path`` or ``--preset``) and overrides,
+    the batch split over the GPUs; for ``--sweep``, the specs and every run's config and batch split.
+
+    ``sweep`` is one spec (what Modal's parser passes: the last ``--sweep``) or all of them (as
+    ``modal_utils.parse_cli_args`` reads them). Returns None for ``--attach`` (which only waits for earlier calls).
+    Raises UserError.
+    """
+    if attach:
+        if not all(call_id.strip().startswith("fc-") for call_id in attach.split(",")):
+            raise PreflightError(f"--attach {attach!r}: give the call id(s) the launch printed (each starts with fc-; "
+                                 "several separated by commas)")
+        return None
+    from cs336_basics.config import check_batch_split, config_path as preset_or_config, load_config
+    from cs336_basics.sweep import SweepError, check_name, parse_sweep, plan_sweep
+
+    spec = gpus.parse_gpu_spec(gpu or DEFAULT_GPU)
+    try:
+        items = shlex.split(overrides)
+    except ValueError as exc:
+        raise PreflightError(f"--overrides {overrides!r}: {exc} (quote the whole list once)") from None
+    path = preset_or_config(config_path or None, preset or None)
+
+    def checked(extra: list[str]) -> Any:
+        cfg = load_config(path, [*items, *extra])
+        check_batch_split(cfg.training.batch_size, spec.count, cfg.training.gradient_accumulation_steps,
+                          cfg.source or "config")
+        return cfg
+
+    cfg = checked([])
+    specs = ([sweep] if sweep else []) if isinstance(sweep, str) else list(sweep)
+    if not specs:
+        if sweep_name:
+            raise SweepError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
+        return LaunchArgs(spec, cfg)
+    if run_name or resume:
+        raise SweepError("--sweep names its runs after their values and continues unfinished ones by itself: drop "
+                         "--run-name / --resume (the same --sweep-name again continues a sweep)")
+    if sweep_name:
+        check_name(sweep_name)
+    axes = parse_sweep(specs, items)
+    for key, _ in axes:
+        if key in NOT_ON_MODAL:
+            raise SweepError(f"--sweep {key}: {NOT_ON_MODAL[key]}, so its runs would all be the same")
+    configs = []
+    for point in plan_sweep(axes, "."):
+        try:
+            configs.append(checked(point.overrides))
+        except UserError as exc:
+            raise SweepError(f"sweep run {point.name}: {one_line(exc)}") from None
+    return LaunchArgs(spec, cfg, axes, configs)
+
+
+def sweep_folder(name: str) -> str:
+    """A sweep's folder in the volume: ``/checkpoints/sweeps/<name>`` (``<mount>`` + it in the containers)."""
+    return f"/{REMOTE_DIRS['checkpoint']}/{SWEEPS_DIR}/{name}"
+
+
+def read_remote_record(vol: Any, path: str) -> Any:
+    """The RunRecord of ``path`` (a run.json in the volume), or None when it is missing or unreadable."""
+    from cs336_basics.runs import RunRecord, RunRecordError
+
+    try:
+        data = json.loads(b"".join(vol.read_file(path)))
+        return RunRecord.from_dict(data, f"{path} in volume {VOLUME_NAME}")
+    except (FileNotFoundError, ValueError, RunRecordError):  # none yet, or damaged: the run runs (again)
+        return None
+
+
+def remote_records(vol: Any, points: Sequence[Any]) -> list[Any]:
+    """The committed run.json records of ``points`` (run_dir: their folders in the volume), None where there is none."""
+    from cs336_basics.runs import RUN_FILE
+
+    return [read_remote_record(vol, f"{p.run_dir.as_posix()}/{RUN_FILE}") for p in points]
+
+
+def remote_rows(vol: Any, points: Sequence[Any]) -> list[dict]:
+    """The sweep table's rows of ``points`` from their committed run.json."""
+    from cs336_basics.sweep import point_row
+
+    return [point_row(p, r) for p, r in zip(points, remote_records(vol, points))]
+
+
+def has_ended(record: Any, cfg: Any) -> bool:
+    """Whether a sweep's run recorded as ``record`` needs no container: it finished or diverged, or its time budget
+    ended it and the budget is unchanged (launched again, it would only write its final checkpoint again)."""
+    from cs336_basics.sweep import SKIP_STATUSES
+
+    if record is None:
+        return False
+    same_budget = (record.config.get("training") or {}).get("max_time") == cfg.training.max_time
+    return record.status in SKIP_STATUSES or (record.status == "out_of_time" and same_budget)
+
+
+@dataclass
+class SweepPlan:
+    """A sweep: its name, axes, runs (``run_dir``: the folder in the volume) with their configs, and each run's row as
+    the volume holds it before the launch."""
+
+    name: str
+    axes: list[tuple[str, list[str]]]
+    points: list[Any]
+    configs: list[Any]
+    rows: list[dict]
 
 
 @dataclass
 class LaunchPlan:
-    """Everything the local entrypoint decided: what to call remotely and with which options."""
+    """What the local entrypoint decided: the GPU, the config, the arguments of each call, notes to print."""
 
-    options: dict[str, Any]
-    kwargs: dict[str, Any]
+    spec: gpus.GPUSpec
+    cfg: Any
+    calls: list[dict[str, Any]]  # train_remote's arguments, one spawned call each (a sweep: the runs left to run)
     notes: list[str] = field(default_factory=list)
+    timeout_s: int = TIMEOUT_S
+    sweep: SweepPlan | None = None
 
 
 def plan_launch(
     vol: Any,
     *,
-    config_path: str | None,
-    overrides: Iterable[str] = (),
-    gpu: str = DEFAULT_GPU,
+    config_path: str = "",
+    overrides: str = "",
+    gpu: str = "",
     wandb: bool = False,
-    run_name: str | None = None,
+    run_name: str = "",
     resume: bool = False,
+    preset: str = "",
+    sweep: str | Sequence[str] = (),
+    sweep_name: str = "",
     secret_lookup: Callable[[str], Any] | None = None,
 ) -> LaunchPlan:
-    """Load and check the config and the volume; raise PreflightError / ConfigError / VolumeError on problems."""
-    from cs336_basics.config import config_to_dict, load_config
+    """Check the arguments, the config(s), the volume (and the W&B secret); raise UserError on the first problem.
 
-    nproc = gpu_count(gpu)
-    cfg = load_config(config_path or None, list(overrides))
-    if cfg.training.batch_size % (nproc * cfg.training.gradient_accumulation_steps):
-        raise PreflightError(
-            f"training.batch_size={cfg.training.batch_size} is not divisible by {nproc} GPU(s) x "
-            f"{cfg.training.gradient_accumulation_steps} accumulation step(s); pick a multiple of "
-            f"{nproc * cfg.training.gradient_accumulation_steps}"
-        )
-    notes = preflight(vol, cfg, resume=resume)
+    A sweep's runs that the volume records as ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
+    """
+    from cs336_basics.config import config_to_dict
+    from cs336_basics.runs import utc_now
+    from cs336_basics.sweep import default_name, plan_sweep, point_row
+
+    args = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset, sweep=sweep,
+                             sweep_name=sweep_name)
+    configs = args.configs or [args.cfg]
+    notes: list[str] = []
+    checked = set()
+    for i, cfg in enumerate(configs):  # the data once (once per data files and vocabulary a sweep tries)
+        key = (cfg.data.train_path, cfg.data.val_path, cfg.model.vocab_size, cfg.model.context_length)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            notes += [n for n in preflight(vol, cfg, resume=resume or args.axes is not None) if n not in notes]
+        except UserError as exc:
+            if args.axes is None or i == 0:
+                raise
+            name = plan_sweep(args.axes, ".")[i].name
+            raise PreflightError(f"sweep run {name}: {one_line(exc)}") from None
     if wandb and secret_lookup is not None:
         check_wandb_secret(secret_lookup)
-    kwargs = dict(config=config_to_dict(cfg), source=cfg.source, wandb=wandb, run_name=run_name or None,
-                  resume=resume, launch_id=uuid.uuid4().hex, nproc=nproc)
-    return LaunchPlan(options=function_options(gpu, wandb), kwargs=kwargs, notes=notes)
+    for cfg in configs:
+        note = f"note: training.device={cfg.training.device} is replaced by cuda on Modal (the GPU is what is billed)"
+        if cfg.training.device not in ("auto", "cuda") and note not in notes:
+            notes.append(note)
+        cfg.training.device = "cuda"  # never train on the CPU while a GPU is billed
+    common = dict(wandb=wandb, nproc=args.spec.count, gpu=str(args.spec))
+    if args.axes is None:
+        call = dict(config=config_to_dict(args.cfg), source=args.cfg.source, run_name=run_name or None,
+                    resume=resume, launch_id=uuid.uuid4().hex, **common)
+        return LaunchPlan(args.spec, args.cfg, [call], notes, args.timeout_s)
+
+    name = sweep_name or default_name(args.axes)
+    points = plan_sweep(args.axes, sweep_folder(name))
+    records = remote_records(vol, points)
+    rows = [point_row(p, r) for p, r in zip(points, records)]
+    started, calls, running = utc_now(), [], []
+    for point, cfg, record, row in zip(points, args.configs, records, rows):
+        if has_ended(record, cfg):
+            continue
+        if row["status"] == "running":
+            running.append(point.name)
+        cfg.wandb.group = cfg.wandb.group or name  # the sweep's runs side by side in W&B
+        calls.append(dict(config=config_to_dict(cfg), source=cfg.source, run_name=point.name, resume=True,
+                          launch_id=uuid.uuid4().hex, **common,
+                          sweep={"name": name, "axes": args.axes, "run": point.name, "started_at": started,
+                                 "command": list(sys.argv)}))
+    if running:
+        notes.append(f"note: {len(running)} run(s) of sweep {name} are recorded as running ({', '.join(running)}): if "
+                     "the launch that started them is still going (`modal app list`), stop it first (`modal app stop "
+                     "<app id>`), or both write to the same folders; otherwise they continue from their last "
+                     "committed checkpoint")
+    return LaunchPlan(args.spec, args.cfg, calls, notes, args.timeout_s,
+                      SweepPlan(name, args.axes, points, args.configs, rows))
+
+
+def model_flops_per_token(model_cfg: Any) -> float:
+    """Training FLOPs per token of the configured model (TransformerLM.flops_per_token, built on the meta device)."""
+    from cs336_basics.model import TransformerLM
+
+    return float(TransformerLM(model_cfg, device="meta").flops_per_token())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds % 3600 == 0 else fmt_duration(seconds)
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def _tokens(cfg: Any) -> int:
+    t = cfg.training
+    return t.max_iters * t.batch_size * cfg.model.context_length
+
+
+def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
+             count: int) -> tuple[str, tuple[float, float] | None]:
+    """What ``cfg``'s run would take on ``count`` x ``gpu`` in words, and its cost range in US$ (None: no estimate).
+
+    The time is its FLOPs at the GPU's dense peak and gpus.PLAN_MFU; a time budget (training.max_time) caps it.
+    """
+    t = cfg.training
+    tokens = _tokens(cfg)
+    price = gpus.hourly_price(gpu, count)
+    priced = "no price in cs336_basics/gpus.py: see https://modal.com/pricing" if price is None else f"${price:.2f}/h"
+    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, "tf32" if t.dtype == "float32" else "bf16")
+    if hours is None:
+        return f"no time estimate (no peak FLOP/s for it in cs336_basics/gpus.py); {priced}", None
+    fast, slow = hours
+    budget = t.max_time_s / 3600 if t.max_time_s else math.inf
+    low, high = min(fast, budget), min(slow, budget)
+    if fast >= budget:
+        text = (f"the {_hours(budget)} budget ends it, after about {fmt_si(tokens * budget / slow)} to "
+                f"{fmt_si(tokens * budget / fast)} tokens")
+    else:
+        text = f"about {_hours(low)} to {_hours(high)}" + (" (or the budget ends it)" if slow > budget else "")
+    if price is None:
+        return f"{text}; {priced}", None
+    money = f"${high * price:,.2f}" if low == high else f"${low * price:,.2f} to ${high * price:,.2f}"
+    return f"{text}, {money} at {priced}", (low * price, high * price)
+
+
+def budget_line(configs: Sequence[Any], timeout_s: int) -> str | None:
+    """The plan's line about the time budget(s), or None when no run has one."""
+    budgets = sorted({cfg.training.max_time for cfg in configs if cfg.training.max_time})
+    if not budgets:
+        return None
+    stop = (f"Modal stops an attempt after {_duration(timeout_s)} (the budget plus {BUDGET_MARGIN_S // 60} min for "
+            "start-up, copying the data and the last commit)" if timeout_s < TIMEOUT_S else
+            "runs without one may take up to 24 h per attempt")
+    return (f"Time budget: training.max_time={', '.join(budgets)} ends a run, final evaluation and checkpoint "
+            f"included, whatever training.max_iters says; {stop}")
+
+
+def _assumptions(spec: gpus.GPUSpec) -> str:
+    low, high = gpus.PLAN_MFU
+    scaling = (f", and {spec.count} GPUs {spec.count}x as fast as one (a small model scales worse)"
+               if spec.count > 1 else "")
+    return (f"  (estimates assume {low:.0%} to {high:.0%} MFU{scaling}; GPU prices are Modal's list prices as of "
+            f"{gpus.PRICES_AS_OF}, CPU and memory are billed on top; a resumed run needs less)")
+
+
+def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
+    """The plan printed before launching: tokens and FLOPs, then time and cost per GPU choice (gpus.py's table)."""
+    t, m = cfg.training, cfg.model
+    tokens = _tokens(cfg)
+    budget = budget_line([cfg], attempt_timeout_s([cfg]))
+    try:
+        flops_per_token = model_flops_per_token(m)
+    except ImportError:  # a `modal` installed without torch: no FLOPs, so no estimate
+        return [f"Plan: {t.max_iters:,} iterations, {tokens:,} tokens, on {spec} (install torch here for an estimate "
+                "of time and cost)"] + ([budget] if budget else [])
+    precision = "tf32" if t.dtype == "float32" else "bf16"
+    lines = [f"Plan: {t.max_iters:,} iterations x {t.batch_size * m.context_length:,} tokens = {tokens:,} tokens, "
+             f"{tokens * flops_per_token:.2e} FLOPs ({precision}), on {spec}"
+             + (" (Modal tries them in this order)" if len(spec.choices) > 1 else "")]
+    if budget:
+        lines.append(budget)
+    for gpu in spec.choices:
+        text, _ = estimate(cfg, flops_per_token, gpu, spec.count)
+        lines.append(f"  {gpu.name} x{spec.count} ({gpu.memory_gb} GB each): {text}")
+    return lines + [_assumptions(spec)]
+
+
+def sweep_plan_lines(plan: LaunchPlan) -> list[str]:
+    """A sweep's plan: its runs, the time and cost of each on the first GPU choice, and the total."""
+    sweep, spec = plan.sweep, plan.spec
+    gpu, todo = spec.choices[0], {call["run_name"] for call in plan.calls}
+    lines = [f"Sweep {sweep.name}: {len(sweep.points)} run(s) over {', '.join(k for k, _ in sweep.axes)}, each in its "
+             f"own container on {spec}, all at once; results in {sweep_folder(sweep.name)}/ of volume {VOLUME_NAME}"]
+    done = [p.name for p in sweep.points if p.name not in todo]
+    if done:
+        lines.append(f"  kept (ended: finished, diverged, or out of an unchanged time budget): {', '.join(done)}")
+    total, priced = [0.0, 0.0], True
+    for point, cfg in zip(sweep.points, sweep.configs):
+        if point.name not in todo:
+            continue
+        try:
+            text, cost = estimate(cfg, model_flops_per_token(cfg.model), gpu, spec.count)
+        except ImportError:
+            text, cost = "install torch here for an estimate of time and cost", None
+        lines.append(f"  {point.name}: {fmt_si(_tokens(cfg))} tokens; {text}")
+        priced = priced and cost is not None
+        if cost is not None:
+            total = [total[0] + cost[0], total[1] + cost[1]]
+    if todo and priced:
+        lines.append(f"Total for {len(todo)} run(s) on {gpu.name} x{spec.count}: about ${total[0]:,.2f} to "
+                     f"${total[1]:,.2f}; the runs go on at the same time, so the sweep takes about as long as its "
+                     "longest run (when Modal has that many GPUs free)"
+                     + (f" (estimated for {gpu.name}, the first GPU choice)" if len(spec.choices) > 1 else ""))
+    budget = budget_line(sweep.configs, plan.timeout_s)
+    return lines + ([budget] if budget else []) + [_assumptions(spec)]
+
+
+def _price(result: dict) -> tuple[gpus.GPUSpec, gpus.ModalGPU, float | None] | None:
+    """The --gpu of a finished call, the table row and the hourly price it was billed at; None for an unknown --gpu."""
+    try:
+        spec = gpus.parse_gpu_spec(result.get("gpu") or "")
+    except gpus.GPUSpecError:
+        return None
+    return (spec, *gpus.price_for(spec, result.get("device_name")))
+
+
+def cost_line(result: dict) -> str:
+    """Measured time and cost of a finished run, at the table's price for the GPU it ran on."""
+    elapsed = float(result.get("wall_s") or 0.0)  # since the first attempt started: what is billed
+    attempts = int(result.get("attempts") or 1)
+    device = result.get("device_name") or "unknown device"
+    where = f"{attempts} attempt(s)" if attempts > 1 else "1 attempt"
+    text = f"{timedelta(seconds=int(elapsed))} on {result.get('gpu_count', 1)}x {device} over {where}"
+    found = _price(result)
+    if found is None:
+        return f"Time: {text}"
+    spec, row, price = found
+    if price is None:
+        return f"Time: {text}; no {row.name} price in cs336_basics/gpus.py (see https://modal.com/pricing)"
+    return (f"Time and cost: {text}, about ${elapsed / 3600 * price:,.2f} at ${price:.2f}/h for {row.name} "
+            f"x{spec.count} (Modal list price as of {gpus.PRICES_AS_OF}; CPU and memory extra)")
+
+
+def total_cost_line(results: Sequence[dict]) -> str | None:
+    """Measured GPU time and cost over a sweep's calls, each at its GPU's price; None when none trained."""
+    ran = [r for r in results if r.get("wall_s")]
+    if not ran:
+        return None
+    gpu_hours = sum(float(r["wall_s"]) * int(r.get("gpu_count") or 1) for r in ran) / 3600
+    longest = timedelta(seconds=int(max(float(r["wall_s"]) for r in ran)))
+    prices = [(_price(r) or (None, None, None))[2] for r in ran]
+    money = (f", about ${sum(float(r['wall_s']) / 3600 * p for r, p in zip(ran, prices)):,.2f} (Modal list prices as "
+             f"of {gpus.PRICES_AS_OF}; CPU and memory extra)" if None not in prices else
+             " (no price for its GPU in cs336_basics/gpus.py: see https://modal.com/pricing)")
+    return f"Time and cost of {len(ran)} run(s): {gpu_hours:.2f} GPU-hours, the longest run {longest}{money}"
 
 
 # ----------------------------------------------------------------------------- remote body
@@ -242,22 +617,111 @@ def archive_previous_run(ckpt_dir: Path) -> Path | None:
     return dest
 
 
+def _read_launch(ckpt_dir: Path) -> dict:
+    try:
+        record = json.loads((ckpt_dir / LAUNCH_FILE).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def is_restart(ckpt_dir: Path, launch_id: str) -> bool:
     """True when ``ckpt_dir`` was claimed by this same launch: Modal is running the call again."""
-    if not launch_id:
-        return False
-    try:
-        return json.loads((ckpt_dir / LAUNCH_FILE).read_text())["launch_id"] == launch_id
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return bool(launch_id) and _read_launch(ckpt_dir).get("launch_id") == launch_id
 
 
-def claim_launch(ckpt_dir: Path, launch_id: str) -> None:
-    """Record ``launch_id`` as the launch now writing to ``ckpt_dir``."""
+def record_attempt(ckpt_dir: Path, launch_id: str, restart: bool, now: float) -> list[float]:
+    """Claim ``ckpt_dir`` for ``launch_id`` (or, on a restart, add this attempt); returns every attempt's start."""
+    attempts = [float(t) for t in _read_launch(ckpt_dir).get("attempts", [])] if restart else []
+    attempts.append(now)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker = ckpt_dir / LAUNCH_FILE
-    with atomic_output(marker) as tmp:
-        tmp.write_text(json.dumps({"launch_id": launch_id, "started": time.time()}))
+    with atomic_output(ckpt_dir / LAUNCH_FILE) as tmp:
+        tmp.write_text(json.dumps({"launch_id": launch_id, "attempts": attempts}))
+    return attempts
+
+
+def commit_with_retries(commit: Callable[[], None], what: str, attempts: int = COMMIT_ATTEMPTS) -> bool:
+    """Commit the volume, retrying with growing delays; on failure warn (the next commit tries again), return False."""
+    for i in range(attempts):
+        try:
+            commit()
+            return True
+        except Exception as exc:  # the client raises RuntimeError for conflicts, grpc errors for the rest
+            error = exc
+            if i + 1 < attempts:
+                time.sleep(COMMIT_RETRY_S * 2**i)
+    print(f"[train_modal] warning: committing the volume {what} failed {attempts} times ({one_line(error)}); "
+          "training goes on and the next checkpoint commits again", file=sys.stderr, flush=True)
+    return False
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports, or None without a working nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def cuda_problem(torch_version: str, torch_cuda: str | None, driver: str | None) -> str:
+    """The one line saying why torch sees no GPU: its CUDA version, the driver's, and the fix."""
+    have = f"NVIDIA driver {driver}" if driver else "no working NVIDIA driver (nvidia-smi failed: is a GPU attached?)"
+    if torch_cuda is None:
+        return (f"CUDA is not available in the Modal container: torch {torch_version} is a CPU-only build "
+                f"({have}); lock a CUDA build of torch in uv.lock (uv lock) and launch again")
+    need = MIN_DRIVER.get(int(torch_cuda.split(".")[0]))
+    needs = f", which needs NVIDIA driver >= {need}" if need else ""
+    return (f"CUDA is not available in the Modal container: torch {torch_version} is built for CUDA {torch_cuda}{needs}, "
+            f"and the container has {have}; nothing was trained: try another --gpu type, or lock a torch built for an "
+            "older CUDA (e.g. a cu128 wheel via [tool.uv.sources] in pyproject.toml, then uv lock) and launch again")
+
+
+def require_cuda() -> None:
+    """NoCudaError (one line: torch's CUDA version, the driver version, the fix) unless torch sees a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NoCudaError(cuda_problem(torch.__version__, torch.version.cuda, nvidia_driver_version()))
+
+
+def copy_data_locally(cfg: Any, dest: Path) -> str | None:
+    """Copy the configured token files (and their metadata) from the volume to ``dest``; point the config there.
+
+    Training memory-maps its data for hours, and a commit reloads the container's view of the volume, which Modal
+    refuses while files of the volume are open ("there are open files preventing the operation"): read from the
+    volume, every checkpoint commit would fail. Reading from local disk is also faster for random batches. Returns
+    a line to print, or None when a file is missing (training then names the volume path in its error) or the local
+    disk is full (training then reads from the volume, and says so).
+    """
+    from cs336_basics.data import metadata_path
+
+    sources = [Path(cfg.data.data_dir) / rel for rel in dict.fromkeys((cfg.data.train_path, cfg.data.val_path))]
+    if not all(src.is_file() for src in sources):
+        return None
+    start, size = time.monotonic(), 0
+    try:
+        for src in sources:
+            rel = src.relative_to(cfg.data.data_dir)
+            for path, target in ((src, dest / rel), (metadata_path(src), metadata_path(dest / rel))):
+                if path.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                    size += target.stat().st_size
+    except OSError as exc:
+        return (f"warning: could not copy the data to local disk ({exc}); training reads it from the volume, and "
+                "volume commits may fail while it is open")
+    volume_dir, cfg.data.data_dir = cfg.data.data_dir, str(dest)
+    return (f"copied {', '.join(s.name for s in sources)} from {volume_dir} to local disk "
+            f"({size / 2**30:.2f} GiB in {time.monotonic() - start:.0f} s)")
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
 def run_training(
@@ -271,55 +735,183 @@ def run_training(
     resume: bool = False,
     launch_id: str = "",
     nproc: int = 1,
-    poll_s: float = COMMIT_POLL_S,
+    gpu: str = "",
+    poll_s: float | None = None,
+    run_dir: str = "",
 ) -> dict:
-    """The body of the Modal function: train on ``mount``/data into ``mount``/checkpoints, committing as it goes.
+    """The body of the Modal function: train on ``mount``/data into ``mount``/checkpoints (or its subfolder
+    ``run_dir``, a sweep's run), committing as it goes.
 
-    A plain function (the volume is only the folder ``mount`` and the ``commit`` callback) so it also runs in tests.
-    Returns train.train's summary plus "resumed"; or {"error": message} for a problem the user must fix, which Modal
-    must not retry.
+    A plain function (the volume is the folder ``mount`` and the ``commit`` callback) so tests run it as it runs in
+    the container. Returns train.train's summary plus "resumed", "gpu", "gpu_count", "device_name", "wall_s" (since
+    the first attempt started) and "attempts";
+    or {"error": one line, "exit_code": 2 or 3, and those five} for a problem a retry cannot fix, which ends the call
+    without one.
+    Anything else (a crash, a preemption, a final commit that keeps failing) raises, and Modal retries.
     """
-    from cs336_basics.config import ConfigError, config_from_dict
-    from cs336_basics.train import TrainingError, find_latest_checkpoint, train
+    from cs336_basics.config import config_from_dict
+    from cs336_basics.train import find_latest_checkpoint, train
 
+    started = time.time()
+    attempts = [started]
     mount = Path(mount)
     raw = copy.deepcopy(config)
-    raw.setdefault("data", {}).update(data_dir=str(mount / "data"), checkpoint_dir=str(mount / "checkpoints"))
+    raw.setdefault("data", {}).update(data_dir=str(mount / "data"), checkpoint_dir=str(mount / "checkpoints" / run_dir))
+
+    def billed() -> dict:  # what cost_line needs
+        return {"gpu": gpu, "gpu_count": nproc, "device_name": _device_name(), "wall_s": time.time() - attempts[0],
+                "attempts": len(attempts)}
+
     try:
         cfg = config_from_dict(raw, source=source or "config")
-    except ConfigError as exc:
-        return {"error": str(exc)}
-    ckpt_dir = Path(cfg.data.checkpoint_dir)
-    restart = is_restart(ckpt_dir, launch_id)
-    if not (resume or restart):
-        archived = archive_previous_run(ckpt_dir)
-        if archived is not None:
-            print(f"[train_modal] moved the previous run's files to {archived}/", flush=True)
-    if launch_id and not restart:
-        claim_launch(ckpt_dir, launch_id)
-        commit()  # a restarted container (a new machine) must see the claim
-    resume = resume or restart
-    latest = find_latest_checkpoint(ckpt_dir) if resume else None
-    why = "restarted by Modal" if restart else "--resume"
-    print(f"[train_modal] {why}: continuing from {latest}" if latest else
-          f"[train_modal] {'no checkpoint yet: ' if resume else ''}starting from scratch", flush=True)
+        if cfg.training.device.startswith("cuda"):
+            require_cuda()
+        ckpt_dir = Path(cfg.data.checkpoint_dir)
+        restart = is_restart(ckpt_dir, launch_id)
+        if not (resume or restart):
+            archived = archive_previous_run(ckpt_dir)
+            if archived is not None:
+                print(f"[train_modal] moved the previous run's files to {archived}/", flush=True)
+        if launch_id:
+            attempts = record_attempt(ckpt_dir, launch_id, restart, started)
+            # A restart runs on a new machine that must find the claim, or it would start over: fail without it.
+            if not commit_with_retries(commit, "of the launch record") and not restart:
+                raise RuntimeError("could not commit the launch record to the volume; Modal retries the call")
+        resume = resume or restart
+        latest = find_latest_checkpoint(ckpt_dir) if resume else None
+        why = f"restarted by Modal (attempt {len(attempts)})" if restart else "--resume"
+        print(f"[train_modal] {why}: continuing from {latest}" if latest else
+              f"[train_modal] {'no checkpoint yet: ' if resume else ''}starting from scratch", flush=True)
 
-    if nproc == 1:
+        with tempfile.TemporaryDirectory(prefix="cs336-data-") as local:
+            copied = copy_data_locally(cfg, Path(local))
+            if copied:
+                print(f"[train_modal] {copied}", flush=True)
+            if nproc == 1:
+                try:
+                    result = train(cfg, wandb=wandb, run_name=run_name, resume=resume,
+                                   on_checkpoint=lambda path: commit_with_retries(commit, f"after {path.name}"))
+                except UserError:
+                    commit_with_retries(commit, "after the error")  # keep the metrics and checkpoints written so far
+                    raise
+            else:
+                result = run_torchrun(cfg, nproc, commit=commit, wandb=wandb, run_name=run_name, resume=resume,
+                                      poll_s=poll_s or COMMIT_POLL_S)
+    except UserError as exc:
+        print(f"[train_modal] error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return {"error": one_line(exc), "exit_code": exc.exit_code, **billed()}
+    if not commit_with_retries(commit, "of the final checkpoint", FINAL_COMMIT_ATTEMPTS):
+        raise RuntimeError(
+            f"training finished but committing the volume failed {FINAL_COMMIT_ATTEMPTS} times: the checkpoints "
+            f"written since the last successful commit (including {result.get('checkpoint')}) are NOT persisted; "
+            "Modal retries the call, which resumes from the last committed checkpoint"
+        )
+    summary = {**result, "resumed": latest is not None, **billed()}
+    print(f"[train_modal] {cost_line(summary)}", flush=True)
+    return summary
+
+
+def run_sweep_point(mount: str | Path, sweep: dict, *, commit: Callable[[], None], reload: Callable[[], None],
+                    config: dict, source: str | None = None, wandb: bool = False, run_name: str | None = None,
+                    resume: bool = True, launch_id: str = "", nproc: int = 1, gpu: str = "",
+                    poll_s: float | None = None) -> dict:
+    """One run of a sweep, in its own container: train it in ``checkpoints/sweeps/<name>/<run>/``, then rewrite the
+    sweep's table in the volume (:func:`publish_sweep`).
+
+    ``sweep`` is {"name", "axes", "run", "started_at", "command"}. A run whose committed run.json says finished or diverged is
+    not trained again. A diverged run or a user error is the run's result (its row says so), not the call's failure;
+    a crash is recorded as failed (table included) and raised, so that Modal retries the call, which continues the
+    run from its checkpoints. Returns run_training's summary (empty when skipped) with "row" and "sweep" (the name).
+    """
+    from cs336_basics.sweep import plan_sweep, run_point
+
+    del run_name, resume  # a sweep's run is named after its values, and always continues from its checkpoints
+    mount, name = Path(mount), sweep["name"]
+    axes = [(key, list(values)) for key, values in sweep["axes"]]
+    sweep_dir = mount / "checkpoints" / SWEEPS_DIR / name
+    points = plan_sweep(axes, sweep_dir)
+    point = next(p for p in points if p.name == sweep["run"])
+    summary: dict = {}
+
+    def run_one(overrides: list[str], run: str, run_dir: Path) -> dict:
+        result = run_training(mount, config, commit=commit, source=source, wandb=wandb, run_name=run, resume=True,
+                              launch_id=launch_id, nproc=nproc, gpu=gpu, poll_s=poll_s,
+                              run_dir=run_dir.relative_to(mount / "checkpoints").as_posix())
+        summary.update({k: v for k, v in result.items() if k not in ("error", "exit_code")})  # its time and cost
+        if "error" in result:
+            raise (DivergedError if result["exit_code"] == EXIT_DIVERGED else UserError)(result["error"])
+        return result
+
+    def publish() -> None:
+        publish_sweep(sweep_dir, points, axes, name=name, started_at=sweep.get("started_at"), commit=commit,
+                      reload=reload, command=sweep.get("command"))
+
+    try:
+        row = run_point(point, run_one, sweep_name=name, raise_crashes=True)
+    except Exception:
+        try:  # should Modal have no retry left, the table says how this run ended
+            publish()
+        except Exception as exc:
+            print(f"[train_modal] warning: could not rewrite the sweep's table ({one_line(exc)})", file=sys.stderr)
+        raise
+    publish()
+    return {**summary, "row": row, "sweep": name}
+
+
+def _comparable(rows: Sequence[dict]) -> list[dict]:
+    """Rows as sweep.json stores them, without run_dir (each container has its own mount point)."""
+    from cs336_basics.runs import to_json
+
+    return [{k: v for k, v in row.items() if k != "run_dir"} for row in json.loads(to_json(list(rows)))]
+
+
+def publish_sweep(sweep_dir: Path, points: Sequence[Any], axes: list, *, name: str, started_at: str | None,
+                  commit: Callable[[], None], reload: Callable[[], None], rounds: int = PUBLISH_ROUNDS,
+                  command: Sequence[str] | None = None) -> list[dict]:
+    """Rewrite sweep.json, sweep.csv and curves.png from every run's committed run.json (pending: none yet).
+
+    Each run's container calls this when its run ends, so the table in the volume is complete once the last run has
+    ended, whether or not a terminal waits (``modal run --detach``). Two containers ending together may each miss the
+    other's result, and Modal keeps the last commit of a file whole: so after committing the table, the container
+    reloads and compares the committed table with the committed runs, and writes it again until they agree. The
+    last container to commit is sure to see every result.
+    """
+    from cs336_basics.sweep import SWEEP_JSON, finish_sweep, read_rows, sweep_table
+
+    if not commit_with_retries(commit, "of the run's record", FINAL_COMMIT_ATTEMPTS):
+        raise RuntimeError("could not commit the run's record to the volume; Modal retries the call")
+    for _ in range(rounds):
+        reload()
+        rows = read_rows(points)
+        finish_sweep(sweep_dir, rows, axes, name=name, started_at=started_at, quiet=True, command=command)
+        if not commit_with_retries(commit, "of the sweep's table", FINAL_COMMIT_ATTEMPTS):
+            raise RuntimeError("could not commit the sweep's table to the volume; Modal retries the call")
+        reload()  # the commit reloads too, unless Modal's server says it need not
         try:
-            result = train(cfg, wandb=wandb, run_name=run_name, resume=resume, on_checkpoint=lambda _: commit())
-        except (ConfigError, TrainingError) as exc:
-            commit()
-            return {"error": str(exc)}
+            committed = json.loads((sweep_dir / SWEEP_JSON).read_text(encoding="utf-8"))["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            committed = None
+        if committed is not None and _comparable(committed) == _comparable(read_rows(points)):
+            break
     else:
-        result = run_torchrun(cfg, nproc, commit=commit, wandb=wandb, run_name=run_name, resume=resume, poll_s=poll_s)
-    commit()
-    return {**result, "resumed": latest is not None}
+        print(f"[train_modal] warning: the table of sweep {name} changed {rounds} times while it was written; the "
+              "next run to end writes it again", file=sys.stderr, flush=True)
+    print(f"[train_modal] sweep {name}, {sweep_dir}:\n{sweep_table(rows, axes)}", flush=True)
+    return rows
+
+
+def remote_body(mount: str | Path, *, commit: Callable[[], None], reload: Callable[[], None],
+                sweep: dict | None = None, **kwargs: Any) -> dict:
+    """What the Modal function runs: a training run (:func:`run_training`) or one run of a sweep."""
+    if sweep is None:
+        return run_training(mount, commit=commit, **kwargs)
+    return run_sweep_point(mount, sweep, commit=commit, reload=reload, **kwargs)
 
 
 def torchrun_command(config_file: Path, nproc: int, *, wandb: bool, run_name: str | None, resume: bool) -> list[str]:
-    """``torchrun --nproc-per-node N -m cs336_basics.train ...``: one training process per GPU."""
+    """``torchrun --nproc-per-node N`` running train.py's main in each process (cs336_basics.modal_worker)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "cs336_basics.train", "--config-path", str(config_file)]
+           "-m", "cs336_basics.modal_worker", "--config-path", str(config_file)]
     if wandb:
         cmd.append("--wandb")
     if run_name:
@@ -327,6 +919,42 @@ def torchrun_command(config_file: Path, nproc: int, *, wandb: bool, run_name: st
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def torchrun_env(status_dir: Path) -> dict[str, str]:
+    """The environment of torchrun and its workers: the package importable from any working directory."""
+    path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, STATUS_ENV: str(status_dir)}
+
+
+def run_teed(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """Run ``cmd``, passing its stderr through; returns (exit code, its last ``error: ...`` line without the prefix).
+
+    Interrupted (a preemption), the child is asked to stop (SIGTERM: torchrun stops its workers), then killed.
+    """
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail = ""
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-(1 << 16):]
+        code = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        proc.stderr.close()
+    lines = tail.replace("\r", "\n").splitlines()
+    error = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+    return code, error
 
 
 class CheckpointWatcher:
@@ -354,11 +982,8 @@ class CheckpointWatcher:
         if now == self._seen:
             return False
         self._seen = now
-        try:
-            self.commit()
-        except Exception as exc:  # a failed commit must not kill training; the next change retries it
-            print(f"[train_modal] warning: volume commit failed ({exc}); will retry", file=sys.stderr, flush=True)
-            self._seen = {}
+        if not commit_with_retries(self.commit, "after a new checkpoint", attempts=1):
+            self._seen = {}  # try again at the next poll
             return False
         return True
 
@@ -378,47 +1003,192 @@ class CheckpointWatcher:
 
 def run_torchrun(cfg: Any, nproc: int, *, commit: Callable[[], None], wandb: bool, run_name: str | None,
                  resume: bool, poll_s: float) -> dict:
-    """Run train.py under torchrun with ``nproc`` processes, committing the volume as checkpoints appear."""
+    """Run train.py under torchrun with ``nproc`` processes, committing the volume as checkpoints appear.
+
+    Raises TorchrunStopped when a worker exited 2 (user error) or 3 (diverged): retrying cannot help. Any other
+    failure raises RuntimeError, which Modal retries (the retry resumes from the last committed checkpoint).
+    """
     import yaml
 
-    from cs336_basics.checkpoint import read_checkpoint
+    from cs336_basics.checkpoint import FINAL_CHECKPOINT, newest_checkpoint
     from cs336_basics.config import config_to_dict
-    from cs336_basics.train import find_latest_checkpoint
 
     ckpt_dir = Path(cfg.data.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / "config.yaml"
+        config_file, status_dir = Path(tmp) / "config.yaml", Path(tmp) / "status"
+        status_dir.mkdir()
         config_file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         cmd = torchrun_command(config_file, nproc, wandb=wandb, run_name=run_name, resume=resume)
         print(f"[train_modal] {shlex.join(cmd)}", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                                          os.environ.get("PYTHONPATH")]))}
         with CheckpointWatcher(ckpt_dir, commit, poll_s):
-            code = subprocess.call(cmd, env=env)
-    if code != 0:  # exit code 1 is also what an uncaught (maybe transient) crash gives, so let Modal retry
-        raise RuntimeError(f"training under torchrun failed with exit code {code}; the log above says why")
-    final = find_latest_checkpoint(ckpt_dir)
-    return {"iteration": int(read_checkpoint(final)["iteration"]) if final else None,
-            "checkpoint": str(final) if final else None}
-
-
-@app.function(**FUNCTION_OPTIONS)
-def train_remote(config: dict, source: str | None, wandb: bool, run_name: str | None, resume: bool, launch_id: str,
-                 nproc: int) -> dict:
-    """Runs in the GPU container, with the volume mounted at MOUNT."""
-    return run_training(MOUNT, config, commit=volume.commit, source=source, wandb=wandb, run_name=run_name,
-                        resume=resume, launch_id=launch_id, nproc=nproc)
+            code, error = run_teed(cmd, torchrun_env(status_dir))
+        codes = exit_codes(status_dir)
+    print(f"[train_modal] torchrun exited with code {code}; its workers with {codes or 'none recorded'}", flush=True)
+    if code != 0:
+        final = next((c for c in codes if c in NO_RETRY_EXIT_CODES), None)
+        if final is not None:
+            raise TorchrunStopped(error or f"training under torchrun stopped with exit code {final} (see the log)", final)
+        raise RuntimeError(f"training under torchrun failed (exit code {code}; workers' codes {codes or 'none recorded'});"
+                           " the log above says why; Modal retries the call, which resumes from the last checkpoint")
+    found = newest_checkpoint(ckpt_dir)
+    path, saved = found if found else (None, {})
+    return {"status": "finished" if path and path.name == FINAL_CHECKPOINT else "failed",
+            "iterations": int(saved["iteration"]) if path else None, "elapsed_s": saved.get("elapsed_s"),
+            "final_train_loss": saved.get("train_loss"), "final_val_loss": saved.get("val_loss"),
+            "best_val_loss": saved.get("best_val_loss"), "checkpoint": str(path) if path else None}
 
 
 # ----------------------------------------------------------------------------- local entrypoint
 
 
-def _lookup_secret(name: str) -> Any:
-    return modal.Secret.from_name(name).hydrate()
+def report(result: dict) -> int:
+    """Print a finished call's outcome; returns the exit code (0, or the error's 2 / 3)."""
+    if "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr, flush=True)
+        return int(result.get("exit_code") or EXIT_CRASH)
+
+    def loss(key: str) -> str:
+        return "n/a" if result.get(key) is None else f"{result[key]:.4f}"
+
+    how = " (resumed from a checkpoint)" if result.get("resumed") else ""
+    print(f"Finished{how}: iteration {result.get('iterations')}, train loss {loss('final_train_loss')}, "
+          f"val loss {loss('final_val_loss')}; {result.get('checkpoint')}")
+    print(cost_line(result))
+    print("Download: modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt "
+          "--local-path checkpoints/checkpoint_final.pt")
+    return 0
 
 
-@app.local_entrypoint()
+def sweep_result_lines(name: str) -> list[str]:
+    """Where a sweep's results are and how to get them."""
+    folder = f"{SWEEPS_DIR}/{name}"
+    return [
+        f"Results: {sweep_folder(name)}/ in volume {VOLUME_NAME}: sweep.json, sweep.csv, curves.png and a folder per "
+        "run (checkpoints, metrics.jsonl, run.json); each run rewrites the table when it ends",
+        "  list them:     modal run cs336_basics/modal_utils.py --action list --data-type checkpoint",
+        f"  the table:     modal run cs336_basics/modal_utils.py --action download --remote-name {folder}/sweep.csv "
+        f"--local-path checkpoints/{folder}/sweep.csv   (likewise curves.png, sweep.json)",
+        f"  everything:    mkdir -p checkpoints/{SWEEPS_DIR} && modal volume get {VOLUME_NAME} {sweep_folder(name)} "
+        f"checkpoints/{SWEEPS_DIR}",
+    ]
+
+
+def _point_line(row: dict) -> str:
+    return f"{row['name']}: {row['status']}" + (f": {row['error']}" if row.get("error") else "")
+
+
+def _detached() -> bool:
+    return bool(RUN_OPTIONS & {"-d", "--detach"})
+
+
+def _follow_lines(call_id: str) -> list[str]:
+    app_id = getattr(app, "app_id", None)
+    logs = f"modal app logs -f {app_id}" if app_id else "modal app logs -f <app id>"
+    lines = [f"Training call {call_id}: follow it with `{logs}` or on https://modal.com/apps"]
+    if _detached():
+        lines.append("Detached: closing this terminal does not stop training, and Modal still retries it; wait for it "
+                     f"again with `modal run cs336_basics/train_modal.py --attach {call_id}`")
+    else:
+        lines.append("Ctrl-C or closing this terminal stops the run; launch with `modal run --detach ...` to let it "
+                     "go on without this terminal")
+    return lines
+
+
+def launch_run(plan: LaunchPlan) -> int:
+    """Spawn the training call, wait for it, print its outcome; returns the exit code."""
+    print(f"Launching on {plan.spec} (volume {VOLUME_NAME} at {MOUNT}; up to {_duration(plan.timeout_s)} per "
+          f"attempt, {MAX_RETRIES} retries, each resuming from the latest committed checkpoint)", flush=True)
+    call = train_remote.spawn(**plan.calls[0])
+    for line in _follow_lines(call.object_id):
+        print(line, flush=True)
+    return report(call.get())
+
+
+def _wait(call: Any, label: str, hint: str) -> dict | None:
+    """``call.get()``, or None after one line saying the call failed on Modal after its retries (a sweep goes on)."""
+    try:
+        return call.get()
+    except (modal.exception.AuthError, modal.exception.ConnectionError, modal.exception.NotFoundError):
+        raise
+    except Exception as exc:  # the run's run.json and the sweep's table say how it ended
+        print(f"{label}: the call failed on Modal after its retries ({one_line(exc)}); `modal app logs` shows why; "
+              f"{hint}", flush=True)
+        return None
+
+
+def launch_sweep(plan: LaunchPlan) -> int:
+    """Spawn one call per run left in the sweep, wait for them all, print the table; returns the exit code (0: a
+    diverged or failed run is a result of the sweep)."""
+    from cs336_basics.sweep import sweep_table
+
+    sweep = plan.sweep
+    if not plan.calls:
+        print(f"Every run of sweep {sweep.name} has ended: nothing to launch\n")
+        print(sweep_table(sweep.rows, sweep.axes))
+        for line in sweep_result_lines(sweep.name):
+            print(line)
+        return 0
+    print(f"Launching {len(plan.calls)} run(s) on {plan.spec}, one container each (up to {_duration(plan.timeout_s)} "
+          f"per attempt, {MAX_RETRIES} retries each, resuming from the run's latest committed checkpoint)", flush=True)
+    calls = [(kwargs["run_name"], train_remote.spawn(**kwargs)) for kwargs in plan.calls]
+    app_id = getattr(app, "app_id", None)
+    print(f"Calls: {', '.join(f'{name} {call.object_id}' for name, call in calls)}; follow them with "
+          f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps", flush=True)
+    ids = ",".join(call.object_id for _, call in calls)
+    if _detached():
+        print("Detached: closing this terminal does not stop the sweep, and Modal still retries its runs; each run "
+              f"rewrites the table in the volume when it ends; wait for them again with `modal run "
+              f"cs336_basics/train_modal.py --attach {ids}`", flush=True)
+    else:
+        print("Ctrl-C or closing this terminal stops the sweep; launch with `modal run --detach ...` to let it go on "
+              "without this terminal", flush=True)
+    results = []
+    for i, (name, call) in enumerate(calls):
+        result = _wait(call, f"[{i + 1}/{len(calls)}] {name}", f"the same --sweep-name {sweep.name} runs it again")
+        if result is not None:
+            results.append(result)
+            print(f"[{i + 1}/{len(calls)}] {_point_line(result['row'])}", flush=True)
+    print("\n" + sweep_table(remote_rows(volume, sweep.points), sweep.axes))
+    for line in filter(None, [total_cost_line(results), *sweep_result_lines(sweep.name)]):
+        print(line)
+    return 0
+
+
+def attach_calls(call_ids: list[str]) -> int:
+    """Wait for earlier calls (a run, or the runs of a sweep) and print their outcome; returns the exit code."""
+    from cs336_basics.sweep import sweep_table
+
+    results = []
+    for call_id in call_ids:
+        print(f"Waiting for {call_id} (Ctrl-C stops waiting; the run goes on)", flush=True)
+        try:
+            call = modal.FunctionCall.from_id(call_id)
+            result = call.get() if len(call_ids) == 1 else _wait(call, call_id, "its sweep's table says how it ended")
+        except modal.exception.NotFoundError as exc:
+            fail(f"error: no training call {call_id} ({one_line(exc)}): use the call id a launch printed")
+        if result is not None:
+            results.append(result)
+    rows = [r["row"] for r in results if "row" in r]
+    if not rows:
+        return max((report(r) for r in results), default=EXIT_CRASH)
+    for row in rows:
+        print(_point_line(row))
+    print("\n" + sweep_table(rows, [(key, []) for key in rows[0]["values"]]))
+    names = sorted({r["sweep"] for r in results if r.get("sweep")})
+    for line in filter(None, [total_cost_line(results), *(line for n in names for line in sweep_result_lines(n))]):
+        print(line)
+    return 0
+
+
+def sweep_specs(sweep: str) -> list[str]:
+    """Every ``--sweep`` given: Modal's parser passes only the last one, the command line (LAUNCH_ARGS) holds all."""
+    given = (LAUNCH_ARGS or {}).get("sweep") or []
+    if sweep and given and given[-1] == sweep:
+        return list(given)
+    return [sweep] if sweep else []
+
+
 def main(
     config_path: str = "",
     wandb: bool = False,
@@ -426,33 +1196,75 @@ def main(
     gpu: str = "",
     resume: bool = False,
     overrides: str = "",
+    attach: str = "",
+    preset: str = "",
+    sweep: str = "",
+    sweep_name: str = "",
 ) -> None:
-    """Check the config and the volume, then train on a Modal GPU (``--gpu``, else the one declared above)."""
-    from cs336_basics.config import ConfigError
-
-    gpu = gpu or FUNCTION_OPTIONS["gpu"]
+    """Check the config and the volume, then train on Modal GPUs (``--gpu``, else DEFAULT_GPU): one run, or with
+    ``--sweep`` one run per combination of values, in parallel; or wait for earlier calls (``--attach``)."""
+    what, stopped = "run", "the run stops; checkpoints committed so far are kept: continue with --resume"
     try:
-        plan = plan_launch(volume, config_path=config_path or None, overrides=shlex.split(overrides), gpu=gpu,
-                           wandb=wandb, run_name=run_name or None, resume=resume, secret_lookup=_lookup_secret)
-    except (PreflightError, ConfigError) as exc:
-        _fail(f"error: {exc}")
+        if attach:
+            check_launch_args(attach=attach)
+            code = attach_calls([call_id.strip() for call_id in attach.split(",")])
+        else:
+            plan = plan_launch(volume, config_path=config_path, overrides=overrides, gpu=gpu, wandb=wandb,
+                               run_name=run_name, resume=resume, preset=preset, sweep=sweep_specs(sweep),
+                               sweep_name=sweep_name, secret_lookup=_lookup_secret)
+            declared = (FUNCTION_OPTIONS["gpu"], "secrets" in FUNCTION_OPTIONS, FUNCTION_OPTIONS["timeout"])
+            if (plan.spec.modal_value, wandb, plan.timeout_s) != declared:
+                raise PreflightError(f"this app was declared with gpu={declared[0]}, W&B "
+                                     f"{'on' if declared[1] else 'off'} and a {declared[2]} s timeout: pass --gpu, "
+                                     "--wandb and the config on the `modal run cs336_basics/train_modal.py` command "
+                                     "line")
+            if plan.sweep is not None:
+                what, stopped = "sweep", (f"the sweep stops; its runs' committed checkpoints are kept: continue it "
+                                          f"with the same command and --sweep-name {plan.sweep.name}")
+            for line in plan.notes + (sweep_plan_lines(plan) if plan.sweep else plan_lines(plan.cfg, plan.spec)):
+                print(line)
+            code = launch_sweep(plan) if plan.sweep else launch_run(plan)
+    except KeyboardInterrupt:
+        fail("interrupted: " + (f"the {what} goes on (detached)" if _detached() or attach else stopped),
+             EXIT_INTERRUPTED)
     except Exception as exc:
-        line = user_error_line(exc)
-        if line is None:
-            raise
-        _fail(line)
-    for note in plan.notes:
-        print(note)
-    print(f"Launching training on {plan.options['gpu']} (volume {VOLUME_NAME} at {MOUNT}; "
-          f"timeout {TIMEOUT_S // 3600} h, {MAX_RETRIES} retries resume from the latest checkpoint)")
-    result = train_remote.with_options(**plan.options).remote(**plan.kwargs)
-    if "error" in result:
-        _fail(f"error: {result['error']}")
-    print(f"Finished: {json.dumps(result)}")
-    print("Download: modal run cs336_basics/modal_utils.py --action download --remote-name checkpoint_final.pt "
-          "--local-path checkpoints/checkpoint_final.pt")
+        exit_on_cli_error(exc)
+        if what == "run":
+            print("error: the training call failed on Modal after its retries (traceback below); checkpoints "
+                  "committed so far are in /checkpoints/: continue with --resume", file=sys.stderr, flush=True)
+        raise
+    if code:
+        raise SystemExit(code)
 
 
-def _fail(line: str) -> None:
-    print(line, file=sys.stderr)
-    raise SystemExit(1)
+# Under `modal run`, check the arguments and the config, then the credentials and the W&B secret, before Modal
+# connects (it imports this file first); the GPU, the secret and the timeout must be known here, where the function
+# is declared. Every --sweep counts: Modal's parser would keep only the last.
+LAUNCH_ARGS = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
+RUN_OPTIONS: set[str] = (modal_run_args(sys.argv, "train_modal.py") or ([], set()))[1]
+LAUNCH = check_launch_args(**LAUNCH_ARGS) if LAUNCH_ARGS else None
+_WANDB = bool(LAUNCH and LAUNCH_ARGS["wandb"])
+if _WANDB:
+    try:
+        check_wandb_secret(_lookup_secret)
+    except Exception as exc:
+        exit_on_cli_error(exc)
+        raise
+FUNCTION_OPTIONS = function_options((LAUNCH_ARGS or {}).get("gpu") or DEFAULT_GPU, _WANDB,
+                                    LAUNCH.timeout_s if LAUNCH else TIMEOUT_S)
+
+
+@app.function(**FUNCTION_OPTIONS)
+def train_remote(config: dict, source: str | None, wandb: bool, run_name: str | None, resume: bool, launch_id: str,
+                 nproc: int, gpu: str = "", sweep: dict | None = None) -> dict:
+    """Runs in the GPU container, with the volume mounted at MOUNT: a training run, or one run of a sweep."""
+    return remote_body(MOUNT, commit=volume.commit, reload=volume.reload, config=config, source=source, wandb=wandb,
+                       run_name=run_name, resume=resume, launch_id=launch_id, nproc=nproc, gpu=gpu, sweep=sweep)
+
+
+main = app.local_entrypoint()(main)
+
+if __name__ == "__main__":
+    fail("error: run this file with Modal's CLI: `modal run cs336_basics/train_modal.py` (options --gpu, --wandb, "
+         "--run-name, --resume, --config-path, --preset, --overrides, --sweep, --sweep-name, --attach; see "
+         "MODAL_GUIDE.md), or train locally with `uv run python cs336_basics/train.py`")

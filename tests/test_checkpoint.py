@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from cs336_basics.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from cs336_basics.config import ModelConfig
+from cs336_basics.checkpoint import CheckpointError, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from cs336_basics.common import UserError
 from cs336_basics.model import TransformerLM
 from cs336_basics.optimizer import AdamW
 
@@ -17,7 +19,7 @@ CFG = dict(vocab_size=50, context_length=8, d_model=16, num_layers=2, num_heads=
 
 def _trained(seed=0):
     torch.manual_seed(seed)
-    model = TransformerLM(**CFG)
+    model = TransformerLM(ModelConfig(**CFG))
     opt = AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 50, (2, 8))
     for _ in range(2):
@@ -86,7 +88,7 @@ def test_prefixed_state_dicts_load_into_plain_model(tmp_path, prefix):
     prefixed = {prefix + k: v for k, v in model.state_dict().items()}
     torch.save({"model": prefixed, "optimizer": opt.state_dict(), "iteration": 7, "config": {"model": CFG}},
                tmp_path / "c.pt")
-    fresh = TransformerLM(**CFG)
+    fresh = TransformerLM(ModelConfig(**CFG))
     assert load_checkpoint(tmp_path / "c.pt", fresh) == 7
     _assert_same(model, fresh)
     _assert_same(model, load_model(tmp_path / "c.pt"))
@@ -104,7 +106,7 @@ def test_wrapped_models_are_unwrapped_before_saving(tmp_path):
     assert all(k.startswith("_orig_mod.") for k in wrapped.state_dict())
     save_checkpoint(wrapped, opt, 3, tmp_path / "c.pt")
     assert list(read_checkpoint(tmp_path / "c.pt")["model"]) == list(model.state_dict())
-    target = FakeCompiled(TransformerLM(**CFG))
+    target = FakeCompiled(TransformerLM(ModelConfig(**CFG)))
     load_checkpoint(tmp_path / "c.pt", target)  # loading into a wrapped model works too
     _assert_same(model, target._orig_mod)
 
@@ -122,15 +124,76 @@ def test_load_model_rebuilds_from_config(tmp_path):
 
 def test_clear_errors(tmp_path):
     model, opt, _ = _trained()
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
         read_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt", model)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt is not a checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
     save_checkpoint(model, None, 1, tmp_path / "noconf.pt")
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(CheckpointError, match="config"):
         load_model(tmp_path / "noconf.pt")
-    with pytest.raises(ValueError, match="no optimizer state"):
+    with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(tmp_path / "noconf.pt", model, opt)
+    assert all(issubclass(CheckpointError, c) for c in (UserError,))
+
+
+def test_truncated_checkpoint_is_not_a_checkpoint(tmp_path):
+    model, opt, _ = _trained()
+    save_checkpoint(model, opt, 3, tmp_path / "full.pt", config={"model": CFG})
+    data = (tmp_path / "full.pt").read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 20):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.pt is not a checkpoint"):
+            read_checkpoint(tmp_path / "cut.pt")
+
+
+class _Payload:
+    """Unpickling this would create a file: what a malicious 'checkpoint' could do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    created = tmp_path / "pwned.txt"
+    torch.save({"model": {}, "iteration": 0, "config": _Payload(created)}, evil)
+    for load in (read_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match="refused to load .*evil.pt"):
+            load(evil)
+    assert not created.exists()
+
+
+def test_config_and_weights_that_do_not_fit_give_one_line(tmp_path):
+    model, _, _ = _trained()
+    save_checkpoint(model, None, 1, tmp_path / "future.pt", config={"model": {**CFG, "moe_experts": 8}})
+    with pytest.raises(CheckpointError, match="keys this version does not know: moe_experts"):
+        load_model(tmp_path / "future.pt")
+    save_checkpoint(model, None, 1, tmp_path / "other.pt", config={"model": {**CFG, "d_model": 32}})
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "other.pt")
+    assert "do not fit the model" in str(info.value) and "wrong shape" in str(info.value)
+    assert "\n" not in str(info.value)
+    save_checkpoint(model, None, 1, tmp_path / "bad.pt", config={"model": {**CFG, "ffn": "geglu"}})
+    with pytest.raises(CheckpointError, match="ffn='geglu'"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_checkpoints_written_by_training_load_with_weights_only(tmp_path):
+    """Everything train.py stores (RNG states, config, optimizer) passes torch's weights_only loader."""
+    import json
+
+    import numpy as np
+
+    model, opt, _ = _trained()
+    gen = np.random.default_rng(0)
+    save_checkpoint(model, opt, 5, tmp_path / "c.pt", config={"model": CFG, "training": {"betas": [0.9, 0.95]}},
+                    rng_states=[{"numpy": json.dumps(gen.bit_generator.state), "torch": torch.get_rng_state(),
+                                 "cuda": None}], wandb_run_id=None, best_val_loss=1.5, tokenizer_sha256="ab" * 32)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["iteration"] == 5 and ckpt["tokenizer_sha256"] == "ab" * 32

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -45,16 +44,25 @@ def test_packaged_config_has_the_workflow_values():
             assert f"  {f.name}:" in text, f"{section}.{f.name} missing from config.yaml"
 
 
-def test_model_section_is_exactly_transformer_lm_kwargs():
+def test_model_section_builds_the_model_and_resolves_d_ff():
     from cs336_basics.model import TransformerLM
 
-    params = inspect.signature(TransformerLM).parameters
-    kwargs = set(params) - {"device", "dtype", "self"}
-    assert set(asdict(ModelConfig())) == kwargs
-    model = TransformerLM(**asdict(load_config(None, ["model.d_model=32", "model.num_layers=1", "model.num_heads=2",
-                                                      "model.d_ff=64", "model.vocab_size=50",
-                                                      "model.context_length=8"]).model))
-    assert model.d_model == 32 and model.vocab_size == 50
+    cfg = load_config(None, ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.vocab_size=50",
+                             "model.context_length=8"])
+    model = TransformerLM(cfg.model)
+    assert model.config is cfg.model and model.vocab_size == 50 and model.context_length == 8
+    assert cfg.model.d_ff == 64  # 8/3 * 32 = 85.3, rounded down to a multiple of 64 (at least 64)
+    assert load_config(None).model.d_ff == 1344  # the CS336 TinyStories value for d_model 512
+    assert load_config(None, ["model.ffn=silu"]).model.d_ff == 2048  # 4 * d_model
+    assert load_config(None, ["model.ffn=silu", "model.d_ff=1000"]).model.d_ff == 1000  # given: kept
+    assert ModelConfig(**asdict(cfg.model)) == cfg.model  # what checkpoints store rebuilds the same model
+
+
+def test_ablation_switches_are_checked():
+    for key, bad in (("norm", "layernorm"), ("norm_position", "sandwich"), ("position_embedding", "alibi"),
+                     ("ffn", "geglu")):
+        with pytest.raises(ConfigError, match=f"model.{key} must be one of"):
+            load_config(None, [f"model.{key}={bad}"])
 
 
 def test_round_trip_through_plain_dicts():
@@ -130,3 +138,23 @@ def test_bad_files_name_the_file_and_key(tmp_path):
 def test_config_defaults_match_packaged_yaml():
     # The dataclass defaults are the documented defaults, so a config file may list only what it changes.
     assert Config(source=str(DEFAULT_CONFIG_PATH)) == load_config(None)
+
+
+def test_non_utf8_or_folder_config_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  d_model: 512  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(invalid byte 0xe9"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_presets_resolve_and_bad_ones_are_one_line():
+    from cs336_basics.config import PRESETS_DIR, config_path
+
+    assert config_path(None, "cpu") == str(PRESETS_DIR / "cpu.yaml")
+    assert config_path("my.yaml", None) == "my.yaml" and config_path(None, None) is None
+    with pytest.raises(ConfigError, match="no such preset; choose one of cpu, leaderboard, owt, tinystories"):
+        config_path(None, "gpt5")
+    with pytest.raises(ConfigError, match="give one of them"):
+        config_path("my.yaml", "cpu")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cs336_basics.data import get_batch, load_tokens
-from cs336_basics.tokenize_data import metadata_path
+from cs336_basics.device import DeviceError
+from cs336_basics.data import metadata_path
 
 
 def test_get_batch_shapes_dtypes_and_shift():
@@ -60,10 +61,10 @@ def test_get_batch_errors():
     with pytest.raises(ValueError, match="too short"):
         get_batch(data, 2, 10, "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             get_batch(data, 2, 4, "cuda:0")
     else:
-        with pytest.raises(RuntimeError, match="cuda:99"):
+        with pytest.raises(DeviceError, match="cuda:99"):
             get_batch(data, 2, 4, "cuda:99")
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_train import CONTEXT, make_data, read_metrics, tiny_overrides
+from tiny_run import CONTEXT, make_data, read_metrics, tiny_overrides
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "cs336_basics" / "train.py"
 SCHEDULE = dict(max_iters=8, cosine_cycle_iters=8, checkpoint_interval=4, eval_interval=4)
@@ -101,14 +101,28 @@ def test_torchrun_resume_repeats_the_uninterrupted_run_exactly(runs):
 
 
 @pytest.mark.slow
+def test_ranks_under_a_time_budget_stop_together(runs):
+    from cs336_basics.checkpoint import read_checkpoint
+
+    root, _, _ = runs
+    rank0, rank1 = (json.loads((root / f"budget.{r}.json").read_text()) for r in (0, 1))
+    assert rank0["status"] == rank1["status"] == "out_of_time"
+    assert rank0["iterations"] == rank1["iterations"] > 2
+    lrs = [r["lr"] for r in read_metrics(root / "budget")]
+    assert lrs[-1] == pytest.approx(1e-3, abs=3e-4)  # min_lr as the budget ended
+    assert read_checkpoint(root / "budget" / "checkpoint_final.pt")["iteration"] == rank0["iterations"]
+
+
+@pytest.mark.slow
 def test_two_ranks_with_half_batches_match_one_process(runs):
+    from cs336_basics.config import ModelConfig
     from cs336_basics.model import TransformerLM
     from cs336_basics.train import forward_backward
 
     root, _, _ = runs
     x, y = grad_batch()
     torch.manual_seed(0)
-    model = TransformerLM(**GRAD_MODEL)  # rank 0's weights, which DDP broadcasts to rank 1
+    model = TransformerLM(ModelConfig(**GRAD_MODEL))  # rank 0's weights, which DDP broadcasts to rank 1
     loss = forward_backward(model, [(x, y)])
     reference = [p.grad for p in model.parameters()]
     for rank in (0, 1):
@@ -138,6 +152,11 @@ def _worker(root: Path) -> None:
         train(load_config(None, tiny_overrides(root, **SCHEDULE) + cut), resume=True,
               on_checkpoint=lambda path: written.append(path.name))
         (root / f"callbacks.{rank}.json").write_text(json.dumps(written))
+        # A time budget: the ranks' clocks differ, yet they must stop at the same step with the same learning rates.
+        budget = tiny_overrides(root, **dict(SCHEDULE, max_iters=10**6, checkpoint_interval=10**6, eval_interval=10**6,
+                                             max_time="3s"))
+        result = train(load_config(None, budget + [f"data.checkpoint_dir={root / 'budget'}"]))
+        (root / f"budget.{rank}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         close_process_group()
@@ -147,11 +166,12 @@ def _ddp_gradients(root: Path, rank: int, world: int) -> None:
     """Gradients of DDP on this rank's half batch, with 1 and 2 micro-batches, saved to grads.RANK.pt."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from cs336_basics.config import ModelConfig
     from cs336_basics.model import TransformerLM
     from cs336_basics.train import forward_backward
 
     torch.manual_seed(rank)  # a different init per rank: DDP must broadcast rank 0's weights
-    model = TransformerLM(**GRAD_MODEL)
+    model = TransformerLM(ModelConfig(**GRAD_MODEL))
     ddp = DDP(model)
     x, y = grad_batch()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]

@@ -181,3 +181,12 @@ def test_cli_user_errors(workspace, capsys):
 
     rc = main(["--checkpoint", ckpt, "--data", data, "--batch-size", "0"])
     _assert_one_line_error(rc, capsys.readouterr().err, "--batch-size")
+
+
+def test_cli_garbage_and_unsafe_checkpoints(workspace, capsys):
+    data = str(workspace / "val.bin")
+    garbage = workspace / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04 definitely not a checkpoint")
+    rc = main(["--checkpoint", str(garbage), "--data", data, "--no-progress"])
+    _assert_one_line_error(rc, capsys.readouterr().err, "garbage.pt is not a checkpoint")
+    assert rc == 2

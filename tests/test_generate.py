@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cs336_basics.config import ModelConfig
 from cs336_basics.generate import TextStreamer, generate, main, sample_next, stream_tokens, top_p_filter
 from cs336_basics.model import TransformerLM
 from cs336_basics.tokenizer import Tokenizer
@@ -33,7 +34,7 @@ def _one_thread():
 
 def tiny_model(seed: int = 0, **overrides) -> TransformerLM:
     torch.manual_seed(seed)
-    return TransformerLM(**{**TINY, **overrides}).eval()
+    return TransformerLM(ModelConfig(**{**TINY, **overrides})).eval()
 
 
 def byte_tokenizer(special_tokens=(EOT,)) -> Tokenizer:
@@ -368,10 +369,35 @@ def test_cli_user_errors(workspace, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     rc, _, err = _run(capsys, "--checkpoint", garbage, "--device", "cpu")
-    _assert_one_line_error(rc, err, "garbage.pt")
+    _assert_one_line_error(rc, err, "garbage.pt", "is not a checkpoint")
 
     rc, _, err = _run(capsys, "--checkpoint", ckpt, "--top-p", 1.5)
     _assert_one_line_error(rc, err, "--top-p")
+
+    for bad in ("nan", "inf", "-1"):
+        rc, _, err = _run(capsys, "--checkpoint", ckpt, "--temperature", bad)
+        _assert_one_line_error(rc, err, "--temperature", bad)
+    assert rc == 2
+
+
+def test_cli_warns_when_the_tokenizer_is_not_the_one_trained_with(workspace, tmp_path, capsys):
+    from cs336_basics.checkpoint import read_checkpoint, save_checkpoint
+    from cs336_basics.data import tokenizer_sha256
+
+    ckpt_path = workspace / "checkpoint_final.pt"
+    ckpt = read_checkpoint(ckpt_path)
+    tok = workspace / "tokenizer"
+    trained_with = tokenizer_sha256(tok / "vocab.pkl", tok / "merges.pkl")
+    model = tiny_model()
+    model.load_state_dict(ckpt["model"])
+    save_checkpoint(model, None, 0, ckpt_path, config=ckpt["config"], tokenizer_sha256=trained_with)
+    args = ["--checkpoint", ckpt_path, "--prompt", "a", "--max-new-tokens", 2, "--device", "cpu", "--seed", 0]
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0 and "warning" not in err
+    other = Tokenizer({i: bytes([255 - i]) for i in range(256)}, [], [EOT])  # same size, other tokens
+    other.save(tmp_path / "other_tok")
+    rc, _, err = _run(capsys, *args, "--tokenizer-dir", tmp_path / "other_tok")
+    assert rc == 0 and "warning: the tokenizer in" in err and "not the one this model was trained with" in err
 
 
 def test_cli_runs_as_a_script(workspace):

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shlex
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import click
 import modal
 import modal.exception
 import pytest
-from fake_modal_volume import FakeUploadBatch, FakeVolume, parse_entrypoint_args
+from fake_modal_volume import FakeUploadBatch, FakeVolume, MountedVolume, parse_entrypoint_args
 
 from cs336_basics import modal_utils as mu
-from cs336_basics.tokenize_data import metadata_path
+from cs336_basics.data import metadata_path
 
 # Every modal_utils.py command of COMPLETE_TRAINING_WORKFLOW.md, verbatim (continuation lines joined).
 WORKFLOW_COMMANDS = [
@@ -49,8 +54,11 @@ def write_bin(path, n_tokens=1000, vocab_size=500):
 # --- the stand-in cannot drift from modal.Volume ---------------------------------------------------------------
 
 
+STAND_IN_ONLY = {"mount"}  # FakeVolume.mount starts a stand-in container; modal does that itself
+
+
 def _public_methods(cls):
-    return [n for n, v in vars(cls).items() if not n.startswith("_") and callable(v)]
+    return [n for n, v in vars(cls).items() if not n.startswith("_") and callable(v) and n not in STAND_IN_ONLY]
 
 
 def _params(fn):
@@ -59,7 +67,8 @@ def _params(fn):
 
 @pytest.mark.parametrize(
     "fake_cls, real_cls",
-    [(FakeVolume, modal.Volume), (FakeUploadBatch, modal.volume.AbstractVolumeUploadContextManager)],
+    [(FakeVolume, modal.Volume), (MountedVolume, modal.Volume),
+     (FakeUploadBatch, modal.volume.AbstractVolumeUploadContextManager)],
 )
 def test_fake_volume_signatures_match_installed_modal(fake_cls, real_cls):
     methods = _public_methods(fake_cls)
@@ -76,7 +85,12 @@ def test_every_volume_method_modal_utils_calls_is_in_the_stand_in():
     called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and isinstance(n.func.value, ast.Name) and n.func.value.id == "volume"}
     assert {"listdir", "read_file", "remove_file", "batch_upload"} <= called
-    assert called - {"hydrate"} <= set(_public_methods(FakeVolume)), called
+    assert called - {"hydrate", "_get_metadata"} <= set(_public_methods(FakeVolume)), called
+    # the upload's progress path reads these on a real volume (the one non-public call is pinned here)
+    for name in ("hydrate", "_get_metadata", "object_id", "client"):
+        assert hasattr(modal.Volume, name), name
+    resolve = inspect.signature(modal.volume.AbstractVolumeUploadContextManager.resolve).parameters
+    assert list(resolve) == ["version", "object_id", "client", "progress_cb", "force"]
 
 
 # --- upload / list / download / delete ----------------------------------------------------------------------
@@ -224,21 +238,21 @@ def test_cli_rejects_bad_arguments(vol):
 
 
 @pytest.mark.parametrize(
-    "exc, expected",
+    "exc, expected, code",
     [
-        (modal.exception.AuthError("Token missing"), "modal setup"),
-        (modal.exception.ConnectionError("Could not connect"), "modal setup"),
-        (mu.VolumeError("bad name"), "error: bad name"),
+        (modal.exception.AuthError("Token missing"), "modal setup", 2),
+        (modal.exception.ConnectionError("Could not connect"), "modal setup", 1),  # may pass when tried again
+        (mu.VolumeError("bad name"), "error: bad name", 2),
     ],
 )
-def test_entrypoint_prints_one_line_for_user_errors(monkeypatch, capsys, exc, expected):
+def test_entrypoint_prints_one_line_for_user_errors(monkeypatch, capsys, exc, expected, code):
     def fail():
         raise exc
 
     monkeypatch.setattr(mu, "open_volume", fail)
     with pytest.raises(SystemExit) as done:
         mu.main.info.raw_f(action="list")
-    assert done.value.code == 1
+    assert done.value.code == code
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -264,24 +278,221 @@ def test_upload_progress_adapter_follows_modal_callback_protocol():
     cb(task_id=t0, advance=60)
     cb(t1, advance=10)  # modal also passes task_id positionally
     cb(task_id=t0, reset=True)  # a failed block is retried from zero
-    assert bar.n == 10
+    assert bar.n == 10 and cb.sent == 10
     cb(task_id=t0, advance=100)
     cb(task_id=t0, complete=True)
     cb(complete=True)
-    assert bar.n == 110
+    assert bar.n == 110 and cb.sent == 110
 
 
-def test_modal_run_without_credentials_says_run_modal_setup(monkeypatch, capsys):
-    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_OAUTH_REFRESH_TOKEN", "MODAL_OAUTH_CLIENT_ID"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(mu.modal.config.config, "get", lambda key, **kw: None)
-    with pytest.raises(SystemExit) as exc:
-        mu.exit_unless_credentials(["/usr/bin/modal", "run", "cs336_basics/modal_utils.py", "--action", "list"])
-    assert exc.value.code == 1
+# --- upload progress against the real modal.Volume class (offline: a stand-in server stub and a local HTTP sink) --
+
+
+class _BlockSink(threading.Thread):
+    """A local HTTP server taking the PUTs of volume blocks, counting the bytes received."""
+
+    def __init__(self):
+        import http.server
+
+        sink = self
+        self.received, self.lock = 0, threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with sink.lock:
+                    sink.received += len(body)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        super().__init__(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/block"
+
+
+def _offline_volume(version, stub):
+    """A real modal.Volume, hydrated without the service: its client's stub is ``stub``."""
+    from modal._utils.async_utils import synchronizer
+    from modal.client import _Client
+    from modal_proto import api_pb2
+
+    client = _Client("https://modal.invalid", api_pb2.CLIENT_TYPE_CLIENT, ("ak-test", "as-test"))
+    client._control_plane_stub = stub
+    client._opened = True
+    vol = modal.Volume.from_name(mu.VOLUME_NAME)
+    vol._hydrate("vo-test", synchronizer._translate_out(client), api_pb2.VolumeMetadata(version=version, name="v"))
+    return vol
+
+
+def test_upload_to_a_real_v2_volume_reports_the_bytes_sent(tmp_path, monkeypatch):
+    """The bug this replaces: on a real modal.Volume the bar never moved (the progress hook was never attached)."""
+    from modal_proto import api_pb2
+
+    sink = _BlockSink()
+    sink.start()
+
+    class EmptyListing:
+        def unary_stream(self, request):
+            async def responses():
+                yield api_pb2.VolumeListFiles2Response(entries=[])
+
+            return responses()
+
+    class Stub:  # an empty volume, then the two VolumePutFiles2 round trips: "these blocks are missing", "done"
+        requests = []
+        VolumeListFiles2 = EmptyListing()
+
+        async def VolumePutFiles2(self, request, retry=None):
+            Stub.requests.append(request)
+            if len(Stub.requests) > 1:
+                return api_pb2.VolumePutFiles2Response()
+            return api_pb2.VolumePutFiles2Response(missing_blocks=[
+                api_pb2.VolumePutFiles2Response.MissingBlock(file_index=i, block_index=j, put_url=sink.url)
+                for i, f in enumerate(request.files) for j in range(len(f.blocks))])
+
+    try:
+        vol = _offline_volume(api_pb2.VolumeFsVersion.VOLUME_FS_VERSION_V2, Stub())
+        monkeypatch.setattr(modal.Volume, "hydrate", lambda self, client=None: self)
+        src = tmp_path / "train.bin"
+        src.write_bytes(os.urandom(9 * 1024 * 1024 + 17))  # two 8 MiB blocks
+        seen = []
+        real_upload_progress = mu._upload_progress
+
+        def spy(total, transfer, context, reports_bytes):
+            seen.append((transfer, reports_bytes))
+            return real_upload_progress(total, transfer, context, reports_bytes)
+
+        monkeypatch.setattr(mu, "_upload_progress", spy)
+        assert mu.upload(vol, src, "train.bin", "data", progress=True) == [(str(src), "/data/train.bin")]
+    finally:
+        sink.server.shutdown()
+    ((transfer, reports_bytes),) = seen
+    assert reports_bytes is True
+    assert transfer.sent == src.stat().st_size  # reported by modal's own upload code, block by block
+    assert sink.received == src.stat().st_size
+    (first, _) = Stub.requests
+    assert [f.path for f in first.files] == ["/data/train.bin"] and first.disallow_overwrite_existing_files
+
+
+def test_v1_volumes_get_the_progress_reporting_upload_context_too(monkeypatch):
+    from modal_proto import api_pb2
+
+    monkeypatch.setattr(modal.Volume, "hydrate", lambda self, client=None: self)
+    vol = _offline_volume(api_pb2.VolumeFsVersion.VOLUME_FS_VERSION_V1, stub=None)
+    transfer = mu._TqdmTransfer(None)
+    context, reports = mu._upload_context(vol, True, transfer)
+    assert reports is True and type(context).__name__ == "VolumeUploadContextManager"
+    from modal._utils.async_utils import synchronizer
+
+    impl = synchronizer._translate_in(context)
+    assert impl._progress_cb is transfer and impl._force is True
+
+
+def test_a_volume_without_byte_reports_says_so_instead_of_a_frozen_bar(tmp_path, vol, capsys):
+    src = tmp_path / "val.bin"
+    src.write_bytes(b"\1\0" * 100)
+    context, reports = mu._upload_context(vol, False, mu._TqdmTransfer(None))
+    assert reports is False
+    mu.upload(vol, src, "val.bin", "data", progress=True)
+    out = capsys.readouterr().out
+    assert "Hashing and uploading 200 B" in out and "reports no byte progress" in out
+
+
+# --- arguments are checked before the credentials, before Modal connects ---------------------------------------
+
+
+def test_modal_run_argv_is_recognised_in_every_form():
+    args = ["--action", "list"]
+    for argv in (["/x/bin/modal", "run", "cs336_basics/modal_utils.py", *args],
+                 ["/x/bin/modal", "run", "--detach", "-e", "dev", "cs336_basics/modal_utils.py::main", *args],
+                 ["/x/modal/__main__.py", "run", "-m", "cs336_basics.modal_utils", *args],
+                 ["/x/bin/modal", "run", "--name=x", "-q", "./cs336_basics/modal_utils.py", *args]):
+        found = mu.modal_run_args(argv, "modal_utils.py")
+        assert found is not None and found[0] == args, argv
+    assert mu.modal_run_args(["/x/bin/modal", "run", "--detach", "cs336_basics/train_modal.py"], "train_modal.py")[1] \
+        == {"--detach"}
+    for other in (["pytest"], ["/x/bin/modal", "deploy", "cs336_basics/modal_utils.py"],
+                  ["/x/bin/modal", "run", "cs336_basics/train_modal.py", "--gpu", "H100"], ["/x/bin/modal", "run"]):
+        assert mu.modal_run_args(other, "modal_utils.py") is None
+
+
+def test_our_argument_parser_agrees_with_modals():
+    raw = mu.main.info.raw_f
+    for command in [*WORKFLOW_COMMANDS, "--action upload --local-path=d/t.bin --force", "--action list --no-force"]:
+        tokens = shlex.split(command)
+        assert mu.parse_cli_args(tokens, raw) == parse_entrypoint_args(mu.main, tokens), command
+    for unparsable in (["--help"], ["--action"], ["--local-path", "x"], ["--action", "list", "--colour", "red"],
+                       ["list"], ["--action", "list", "--force=yes"]):
+        assert mu.parse_cli_args(unparsable, raw) is None  # modal's own parser reports these
+
+
+@pytest.mark.parametrize("args, expected", [
+    ("--action bogus", "unknown --action 'bogus'"),
+    ("--action list --data-type bogus", "unknown --data-type 'bogus'"),
+    ("--action upload --remote-name x.bin", "needs --local-path"),
+    ("--action upload --local-path missing.bin", "'missing.bin' does not exist"),
+    ("--action download", "needs --remote-name"),
+    ("--action delete --remote-name ../x.pt", "invalid --remote-name"),
+])
+def test_bad_arguments_are_reported_before_the_missing_credentials(monkeypatch, capsys, tmp_path, args, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mu, "has_credentials", lambda: False)
+    argv = ["/x/bin/modal", "run", "cs336_basics/modal_utils.py", *shlex.split(args)]
+    with pytest.raises(SystemExit) as done:
+        mu.check_before_connecting(argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args)
+    assert done.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "run `modal setup`" in err
+    assert expected in err and err.count("\n") == 1 and "modal setup" not in err
 
-    # Credentials present, or not under `modal run` (tests, imports, the container): nothing happens.
-    mu.exit_unless_credentials(["pytest"])
+
+def test_good_arguments_then_need_credentials(monkeypatch, capsys):
+    argv = ["/x/bin/modal", "run", "cs336_basics/modal_utils.py", "--action", "list"]
+    monkeypatch.setattr(mu, "has_credentials", lambda: False)
+    with pytest.raises(SystemExit) as done:
+        mu.check_before_connecting(argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args)
+    assert done.value.code == 2 and "run `modal setup`" in capsys.readouterr().err
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    assert mu.check_before_connecting(argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args)["action"] \
+        == "list"
+    assert mu.check_before_connecting(["pytest"], "modal_utils.py", mu.main.info.raw_f, mu.check_action_args) is None
+    help_argv = argv[:3] + ["--help"]  # Modal's own help, even without credentials
+    monkeypatch.setattr(mu, "has_credentials", lambda: False)
+    assert mu.check_before_connecting(help_argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args) is None
+
+
+def test_has_credentials_reads_modals_config(monkeypatch):
+    monkeypatch.setattr(mu.modal.config.config, "get", lambda key, **kw: None)
+    assert mu.has_credentials() is False
     monkeypatch.setattr(mu.modal.config.config, "get", lambda key, **kw: "ak-123" if key == "token_id" else None)
-    mu.exit_unless_credentials(["/usr/bin/modal", "run", "cs336_basics/modal_utils.py"])
+    assert mu.has_credentials() is True
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def offline_env(tmp_path) -> dict:
+    """No Modal credentials, and a server address that is not Modal's: nothing here can reach the service."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+    return {**env, "HOME": str(tmp_path), "MODAL_CONFIG_PATH": str(tmp_path / "none.toml"),
+            "MODAL_SERVER_URL": "http://127.0.0.1:9", "PYTHONPATH": ""}
+
+
+def test_the_real_modal_cli_reports_bad_arguments_first(tmp_path):
+    modal_cli = Path(sys.executable).parent / "modal"
+    cases = [("--action bogus", "unknown --action 'bogus'"), ("--action list", "no Modal credentials")]
+    for args, expected in cases:
+        proc = subprocess.run([str(modal_cli), "run", "cs336_basics/modal_utils.py", *shlex.split(args)], cwd=PROJECT,
+                              env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    plain = subprocess.run([sys.executable, "cs336_basics/modal_utils.py"], cwd=PROJECT, env=offline_env(tmp_path),
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "modal run cs336_basics/modal_utils.py" in plain.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cs336_basics.config import ModelConfig
 from cs336_basics.model import (
     Embedding,
     KVCache,
@@ -77,7 +78,7 @@ def test_rope_matches_snapshot():
 def test_weight_dependent_snapshot_shapes_match_our_outputs():
     """Shapes only: the reference weights behind these snapshots are not available (see comment above)."""
     cfg = dict(vocab_size=10000, context_length=16, d_model=64, num_layers=3, num_heads=4, d_ff=128, rope_theta=1e4)
-    model = TransformerLM(**cfg)
+    model = TransformerLM(ModelConfig(**cfg))
     ids = torch.zeros(4, 12, dtype=torch.long)
     with torch.no_grad():
         assert model(ids).shape == snapshot("test_transformer_lm.npz").shape
@@ -295,7 +296,7 @@ def test_transformer_block_state_dict_and_prenorm_formula():
 
 
 def test_transformer_lm_state_dict_keys():
-    model = TransformerLM(**TINY)
+    model = TransformerLM(ModelConfig(**TINY))
     expected = ["token_embeddings.weight"]
     for i in range(TINY["num_layers"]):
         expected += [f"layers.{i}.{k}" for k in (
@@ -309,7 +310,7 @@ def test_transformer_lm_state_dict_keys():
 
 def test_transformer_lm_matches_manual_composition():
     torch.manual_seed(0)
-    model = TransformerLM(**TINY)
+    model = TransformerLM(ModelConfig(**TINY))
     ids = torch.randint(0, 97, (2, 16))
     x = F.embedding(ids, model.token_embeddings.weight)
     for block in model.layers:
@@ -322,8 +323,8 @@ def test_transformer_lm_matches_manual_composition():
 
 def test_sdpa_and_reference_lm_agree_on_outputs_and_gradients():
     torch.manual_seed(0)
-    fast = TransformerLM(**TINY)
-    ref = TransformerLM(**TINY, attention_impl="reference")
+    fast = TransformerLM(ModelConfig(**TINY))
+    ref = TransformerLM(ModelConfig(**TINY, attention_impl="reference"))
     ref.load_state_dict(fast.state_dict())
     ids = torch.randint(0, 97, (3, 16))
     out_f, out_r = fast(ids), ref(ids)
@@ -338,7 +339,7 @@ def test_sdpa_and_reference_lm_agree_on_outputs_and_gradients():
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_kv_cache_incremental_decoding_matches_full_forward(impl):
     torch.manual_seed(0)
-    model = TransformerLM(**TINY, attention_impl=impl).eval()
+    model = TransformerLM(ModelConfig(**TINY, attention_impl=impl)).eval()
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         full = model(ids)
@@ -360,7 +361,7 @@ def test_kv_cache_incremental_decoding_matches_full_forward(impl):
 
 
 def test_num_parameters_and_flops_per_token():
-    model = TransformerLM(**TINY)
+    model = TransformerLM(ModelConfig(**TINY))
     d, ff, v, n_layers, ctx = 32, 48, 97, 2, 16
     per_layer = 4 * d * d + 3 * d * ff + 2 * d
     total = v * d + n_layers * per_layer + d + d * v

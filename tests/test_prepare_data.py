@@ -20,14 +20,9 @@ import prepare_data
 from cs336_basics import tokenize_data
 from cs336_basics.pretokenize import GPT2_REGEX, special_token_regex, split_on_special
 from cs336_basics.stories import write_corpus
-from cs336_basics.tokenize_data import (
-    DataError,
-    check_text_file,
-    find_safe_boundaries,
-    read_metadata,
-    token_dtype,
-    tokenize_file,
-)
+from cs336_basics.common import EXIT_USER_ERROR
+from cs336_basics.data import DataError, FORMAT_VERSION, read_metadata, token_dtype
+from cs336_basics.tokenize_data import check_text_file, find_safe_boundaries, tokenize_file
 from cs336_basics.tokenizer import Tokenizer, load_tokenizer
 
 EOT = "<|endoftext|>"
@@ -361,7 +356,7 @@ ERROR_CASES = ["missing", "directory", "empty", "latin1", "bad_val", "too_small"
 def test_bad_input_gives_one_clear_line(tmp_path, corpus, capsys, case):
     args, needles = _error_case(tmp_path, corpus, case)
     rc, out, err = _run_main(args, capsys)
-    assert rc == 1
+    assert rc == EXIT_USER_ERROR
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
@@ -373,7 +368,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, corpus):
     args, _ = _error_case(tmp_path, corpus, "latin1")
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "prepare_data.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
@@ -381,4 +376,4 @@ def test_metadata_is_json_beside_bin(tmp_path, gpt2):
     src = tmp_path / "t.txt"
     src.write_text("hi\n", encoding="utf-8")
     tokenize_file(src, tmp_path / "x.bin", gpt2, vocab_size=gpt2.vocab_size)
-    assert json.loads((tmp_path / "x.bin.json").read_text())["format_version"] == tokenize_data.FORMAT_VERSION
+    assert json.loads((tmp_path / "x.bin.json").read_text())["format_version"] == FORMAT_VERSION

@@ -3,80 +3,20 @@ W&B offline runs, and one-line errors for bad data, divergence and out-of-memory
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from cs336_basics.config import load_config
+from cs336_basics.common import EXIT_DIVERGED, EXIT_USER_ERROR
+from cs336_basics.config import ModelConfig, load_config
+from tiny_run import CONTEXT, PROJECT_ROOT, VOCAB, make_data, read_metrics, tiny_config, tiny_overrides
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VOCAB = 300
-CONTEXT = 16
-
-
-def make_data(root: Path, vocab: int = VOCAB, n_train: int = 20_000, n_val: int = 4_000, metadata: bool = True) -> Path:
-    """``root/data/{train,val}.bin`` (+ tokenize_data's JSON sidecar): a noisy cyclic token stream a tiny LM can learn."""
-    from cs336_basics.tokenize_data import FORMAT_VERSION, metadata_path
-
-    data_dir = root / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train.bin", n_train), ("val.bin", n_val)):
-        tokens = (np.arange(n) * 7) % 97
-        noise = rng.random(n) < 0.1
-        tokens[noise] = rng.integers(0, vocab, noise.sum())
-        tokens[-1] = vocab - 1  # the largest id appears
-        tokens.astype(np.uint16).tofile(data_dir / name)
-        meta = {"format_version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": vocab, "num_tokens": n,
-                "special_tokens": ["<|endoftext|>"], "source": {"name": name, "size_bytes": 2 * n},
-                "tokenizer_sha256": "0" * 64}
-        if metadata:
-            metadata_path(data_dir / name).write_text(json.dumps(meta), encoding="utf-8")
-    return data_dir
-
-
-def tiny_overrides(root: Path, **training) -> list[str]:
-    """Overrides for a ~30K-parameter model that trains in well under a second per dozen steps on CPU."""
-    values = dict(batch_size=8, max_iters=12, max_lr=1e-2, min_lr=1e-3, warmup_iters=2, log_interval=1,
-                  eval_interval=6, eval_batches=2, checkpoint_interval=4, device="cpu", seed=0)
-    values.update(training)
-    return [
-        f"model.vocab_size={VOCAB}", f"model.context_length={CONTEXT}", "model.d_model=32", "model.num_layers=2",
-        "model.num_heads=2", "model.d_ff=64", f"data.data_dir={root / 'data'}",
-        f"data.checkpoint_dir={root / 'ckpt'}", f"data.tokenizer_dir={root / 'tokenizer'}",
-    ] + [f"training.{k}={v}" for k, v in values.items()]
-
-
-def tiny_config(root: Path, **training):
-    return load_config(None, tiny_overrides(root, **training))
-
-
-def read_metrics(ckpt_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (ckpt_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == kind]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    make_data(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cli_trains_logs_and_checkpoints(root, capsys):
@@ -155,7 +95,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(root, monkeypatch, accum):
     monkeypatch.setattr(train_mod, "train_step", real_step)
 
     summary = train_mod.train(cfg_cut, resume=True)  # continues from checkpoint_iter_4.pt
-    assert summary["iteration"] == 12
+    assert summary["iterations"] == 12
     full, cut = read_metrics(full_dir), read_metrics(cut_dir)
     assert [r["iteration"] for r in cut] == list(range(1, 13))  # the crashed run's iterations 5-7 were dropped
     assert [r["loss"] for r in cut] == [r["loss"] for r in full]  # bit-for-bit
@@ -177,7 +117,7 @@ def test_resume_without_checkpoint_starts_fresh_and_checks_model(root, capsys):
         train(tiny_config(root, max_iters=2), resume=True)
     # Resuming a finished run re-evaluates and re-saves without training.
     summary = train(tiny_config(root, max_iters=4), resume=True)
-    assert summary["iteration"] == 4 and summary["final_val_loss"] is not None
+    assert summary["iterations"] == 4 and summary["final_val_loss"] is not None
 
 
 def test_init_from_starts_a_fine_tune(root):
@@ -191,7 +131,7 @@ def test_init_from_starts_a_fine_tune(root):
     summary = train(load_config(None, tiny_overrides(root, max_iters=4, max_lr=1e-4, min_lr=1e-5, warmup_iters=0)
                                 + [f"data.checkpoint_dir={root / 'ft'}"]), init_from=str(pretrained))
     tuned = read_metrics(root / "ft")
-    assert [r["iteration"] for r in tuned] == [1, 2, 3, 4] and summary["iteration"] == 4
+    assert [r["iteration"] for r in tuned] == [1, 2, 3, 4] and summary["iterations"] == 4
     assert tuned[0]["loss"] < before[0]["loss"] - 1.0  # starts from the trained weights, not from scratch
     saved = read_checkpoint(root / "ft" / "checkpoint_final.pt")
     assert saved["iteration"] == 4
@@ -211,7 +151,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     grads = []
     for parts in (1, 2, 4):
         torch.manual_seed(1)
-        model = TransformerLM(50, 12, 32, 2, 2, 64, 10000.0)
+        model = TransformerLM(ModelConfig(50, 12, 32, 2, 2, 64, 10000.0))
         loss = forward_backward(model, list(zip(x.chunk(parts), y.chunk(parts))))
         grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
     for loss, g in grads[1:]:
@@ -256,7 +196,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(root, monkeypatch, 
         return loss, norm
 
     monkeypatch.setattr(train_mod, "train_step", diverge_at_six)
-    assert train_mod.main(tiny_overrides(root)) == 1
+    assert train_mod.main(tiny_overrides(root)) == EXIT_DIVERGED
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "loss became nan at iteration 6" in err and "checkpoint_iter_4.pt" in err and "training.max_lr=" in err
@@ -273,7 +213,7 @@ def test_cuda_out_of_memory_gives_the_remedies(root, monkeypatch, capsys):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_mod, "train_step", oom)
-    assert train_mod.main(tiny_overrides(root)) == 1
+    assert train_mod.main(tiny_overrides(root)) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: CUDA out of memory")
@@ -284,7 +224,7 @@ def test_cuda_out_of_memory_gives_the_remedies(root, monkeypatch, capsys):
 def test_vocab_mismatch_names_the_fix(root, capsys):
     from cs336_basics.train import main
 
-    assert main(tiny_overrides(root) + ["model.vocab_size=500"]) == 1
+    assert main(tiny_overrides(root) + ["model.vocab_size=500"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert f"config model.vocab_size=500 but {root / 'data' / 'train.bin'} was tokenized with a {VOCAB}-token vocab" in err
@@ -296,7 +236,7 @@ def test_vocab_checked_by_sampling_when_there_is_no_metadata(tmp_path, monkeypat
 
     make_data(tmp_path, metadata=False)
     monkeypatch.chdir(tmp_path)
-    assert main(tiny_overrides(tmp_path) + ["model.vocab_size=200"]) == 1
+    assert main(tiny_overrides(tmp_path) + ["model.vocab_size=200"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"holds token id {VOCAB - 1} but model.vocab_size=200" in err and "at least 300" in err
 
@@ -306,7 +246,7 @@ def test_tokenizer_dir_with_another_vocab_size_is_an_error(root, capsys):
     from cs336_basics.train import main
 
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save(root / "tokenizer")
-    assert main(tiny_overrides(root)) == 1
+    assert main(tiny_overrides(root)) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"the tokenizer in {root / 'tokenizer'}/ has 256 tokens" in err and "model.vocab_size: 256" in err
 
@@ -314,9 +254,9 @@ def test_tokenizer_dir_with_another_vocab_size_is_an_error(root, capsys):
 def test_bad_batch_split_and_missing_data(root, capsys):
     from cs336_basics.train import main
 
-    assert main(tiny_overrides(root, batch_size=6, gradient_accumulation_steps=4)) == 1
+    assert main(tiny_overrides(root, batch_size=6, gradient_accumulation_steps=4)) == EXIT_USER_ERROR
     assert "training.batch_size=6 must be divisible by" in capsys.readouterr().err
-    assert main(tiny_overrides(root) + ["data.train_path=nope.bin"]) == 1
+    assert main(tiny_overrides(root) + ["data.train_path=nope.bin"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"train data {root / 'data' / 'nope.bin'} not found" in err and "prepare_data.py" in err
 
@@ -328,6 +268,6 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
         [sys.executable, str(PROJECT_ROOT / "cs336_basics" / "train.py"), f"data.data_dir={tmp_path}", "training.device=cpu"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert f"train data {tmp_path / 'train.bin'} not found" in proc.stderr and "prepare_data.py" in proc.stderr
