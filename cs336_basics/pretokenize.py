@@ -22,7 +22,8 @@ GPT2_REGEX = regex.compile(GPT2_PATTERN)
 # Below this many bytes a file is pre-tokenized (BPE training) or encoded (tokenize_file) in one process.
 # Starting a pool is quick (about 30 ms for 2 workers), but cutting the file, shipping tasks and results,
 # and workers with cold caches made a pool of 2 no faster than one process up to about 4 MB on the 2-core
-# development machine (tokenize_file: 0.45 s vs 0.54 s at 2 MB, 0.83 s vs 0.84 s at 4 MB).
+# development machine under load from other jobs (tokenize_file: 0.45 s vs 0.54 s at 2 MB, 0.83 s vs
+# 0.84 s at 4 MB); on idle cores the crossover is likely lower.
 POOL_MIN_BYTES = 4 << 20
 
 
