@@ -179,9 +179,9 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
     root, _, base = layout
     elsewhere = base / "workdir"
     elsewhere.mkdir()
-    config = _config(batch_size=8, max_iters=40, checkpoint_interval=4, eval_interval=20, log_interval=10)
+    config = _config(batch_size=8, max_iters=16, checkpoint_interval=4, eval_interval=8, log_interval=4)
     reference_vol, reference = reference_run(base, "ddp-reference", config, 2)
-    assert reference["iterations"] == 40
+    assert reference["iterations"] == 16
 
     vol = make_volume(base, "ddp")
     first = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere, preempt_after_commit=2)
@@ -191,10 +191,35 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
 
     second = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere)
     assert second.returncode == 0, second.output[-3000:]
-    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 40
+    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 16
     assert "restarted by Modal (attempt 2): continuing from" in second.output
     # each worker ran train.py's main and recorded its exit code where the launcher reads it (torchrun exits 1
     # whatever its workers' codes: these records are how a user error or divergence avoids a retry)
     assert "torchrun exited with code 0; its workers with [0, 0]" in second.output
     assert_same_weights(vol.root / "checkpoints" / "checkpoint_final.pt",
                         reference_vol.root / "checkpoints" / "checkpoint_final.pt")
+
+
+def test_sweep_runs_in_their_own_containers_and_the_last_one_completes_the_table(layout):
+    """Two runs of a sweep, each in a container laid out as Modal lays it out (only the package's .py files):
+    the diverging one is a result, not a retry, and the container ending last leaves the whole table in the volume."""
+    root, _, base = layout
+    vol = make_volume(base, "sweep")
+    axes = [["training.max_lr", ["1e-2", "1e6"]]]
+    codes = {}
+    for lr, name in (("1e-2", "max_lr=1e-2"), ("1e6", "max_lr=1e6")):
+        config = _config(max_lr=float(lr), grad_clip=0.0, warmup_iters=0, max_iters=6, checkpoint_interval=2)
+        config["wandb"] = {"group": "lr"}
+        sweep = {"name": "lr", "axes": axes, "run": name, "started_at": None, "command": ["modal", "run", "x"]}
+        kwargs = {**_kwargs(config, f"launch-{name}", 1), "run_name": name, "resume": True, "sweep": sweep}
+        container = Container(layout, vol, kwargs, cwd=root)
+        assert container.returncode == 0, container.output[-3000:]
+        codes[name] = container.result["row"]["status"]
+    assert codes == {"max_lr=1e-2": "finished", "max_lr=1e6": "diverged"}
+    folder = vol.root / "checkpoints" / "sweeps" / "lr"
+    table = json.loads((folder / "sweep.json").read_text())
+    assert [(r["name"], r["status"]) for r in table["runs"]] == [("max_lr=1e-2", "finished"), ("max_lr=1e6", "diverged")]
+    assert table["best"] == "max_lr=1e-2" and (folder / "curves.png").stat().st_size > 1000
+    for name, status in codes.items():
+        record = json.loads((folder / name / "run.json").read_text())
+        assert record["status"] == status and record["sweep"]["values"] == {"training.max_lr": name.split("=")[1]}
