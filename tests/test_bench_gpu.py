@@ -1,19 +1,14 @@
 """benchmarks/bench_gpu.py runs end to end (the CPU smoke test): every row, MFU wiring, and a loss that falls."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+from bench_module import load_benchmark
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_gpu")
 
 
 def test_smoke_run_measures_both_models_and_the_loss_falls(tmp_path, capsys):

@@ -1,22 +1,16 @@
 """The training-step benchmark's kernel floor: it must record every GEMM of a step and replay them faithfully."""
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
+from bench_module import load_benchmark
 from cs336_basics.config import ModelConfig
 from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.optimizer import AdamW
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
-
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_model", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_model")
 
 
 def test_recorded_gemms_are_exactly_the_models_matmul_flops():
