@@ -18,6 +18,7 @@ Exit codes tell callers (torchrun on Modal, the sweep runner, shell scripts) whe
 
 from __future__ import annotations
 
+import argparse
 import errno
 import math
 import os
@@ -106,6 +107,13 @@ def run_cli(main: Callable[[], object], *, quiet: bool = False,
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], object],
+                argv: Sequence[str] | None = None, **kwargs) -> int:
+    """A command's ``main``: parse ``argv`` with ``parser``, run ``body(args)`` under :func:`run_cli`."""
+    args = parser.parse_args(argv)
+    return run_cli(lambda: body(args), **kwargs)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cs336_basics.common import UserError, run_cli
+from cs336_basics.common import UserError, run_command
 from cs336_basics.checkpoint import load_model_with_info
 from cs336_basics.device import autocast_for, pick_device
 
@@ -142,35 +142,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """Evaluate a checkpoint on a token file and print loss and perplexity."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    device = pick_device(args.device)
+    model, _ = load_model_with_info(args.checkpoint, device)
+    if args.context_length is not None and not 1 <= args.context_length <= model.context_length:
+        raise UserError(f"--context-length must be in [1, {model.context_length}] for this model, got {args.context_length}")
+    tokens = load_checked_tokens(args.data, model.vocab_size)
+    if args.max_tokens is not None:
+        tokens = tokens[: args.max_tokens]
+    try:
+        result = evaluate(model, tokens, context_length=args.context_length, batch_size=args.batch_size,
+                          device=device, progress=not args.no_progress)
+    except ValueError as exc:  # a token id outside the model's vocab
+        raise UserError(f"{args.data}: {exc}") from None
+    if args.json:
+        print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
+    else:
+        print(f"loss: {result['loss']:.4f}")
+        print(f"perplexity: {result['perplexity']:.4f}")
+        print(f"tokens: {result['num_tokens']:,}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.max_tokens is not None and args.max_tokens < 2:
-            raise UserError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-        device = pick_device(args.device)
-        model, _ = load_model_with_info(args.checkpoint, device)
-        if args.context_length is not None and not 1 <= args.context_length <= model.context_length:
-            raise UserError(f"--context-length must be in [1, {model.context_length}] for this model, got {args.context_length}")
-        tokens = load_checked_tokens(args.data, model.vocab_size)
-        if args.max_tokens is not None:
-            tokens = tokens[: args.max_tokens]
-        try:
-            result = evaluate(model, tokens, context_length=args.context_length, batch_size=args.batch_size,
-                              device=device, progress=not args.no_progress)
-        except ValueError as exc:  # a token id outside the model's vocab
-            raise UserError(f"{args.data}: {exc}") from None
-        if args.json:
-            print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data": str(args.data)}))
-        else:
-            print(f"loss: {result['loss']:.4f}")
-            print(f"perplexity: {result['perplexity']:.4f}")
-            print(f"tokens: {result['num_tokens']:,}")
-
-    return run_cli(run)
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
 
-from cs336_basics.common import UserError, one_line, run_cli
+from cs336_basics.common import UserError, one_line, run_command
 from cs336_basics.fileio import atomic_output
 from cs336_basics.runs import RUN_FILE, RunRecordError, read_run_record
 
@@ -307,18 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """Draw the curves of the runs given."""
+    notes: list[str] = []
+    out = plot_runs(args.run_dirs, x=args.x, log_y=args.log_y, out=args.out, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out} ({len(args.run_dirs)} run(s), x = {args.x})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        notes: list[str] = []
-        out = plot_runs(args.run_dirs, x=args.x, log_y=args.log_y, out=args.out, notes=notes)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        print(f"wrote {out} ({len(args.run_dirs)} run(s), x = {args.x})")
-
-    return run_cli(run)
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.common import UserError, one_line, run_cli
+from cs336_basics.common import UserError, fmt_duration, fmt_loss, fmt_si, format_table, one_line, run_command
 from cs336_basics.fileio import atomic_output
-from cs336_basics.common import fmt_duration, fmt_loss, fmt_si, format_table
 
 RUN_FILE = "run.json"
 STATUSES = ("running", "finished", "diverged", "out_of_time", "interrupted", "failed")
@@ -278,24 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """List the runs under a folder."""
+    problems: list[str] = []
+    runs = find_runs(args.dir, problems)
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    if args.json:
+        print(to_json([{"path": str(path), **record.to_dict()} for path, record in runs]), end="")
+    elif not runs:
+        print(f"No runs found under {args.dir}/ (no {RUN_FILE}): each training run writes one beside its "
+              "checkpoints, e.g. `uv run python cs336_basics/train.py data.checkpoint_dir=checkpoints/my-run`")
+    else:
+        print(runs_table(runs))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        problems: list[str] = []
-        runs = find_runs(args.dir, problems)
-        for problem in problems:
-            print(f"warning: skipped {problem}", file=sys.stderr)
-        if args.json:
-            print(to_json([{"path": str(path), **record.to_dict()} for path, record in runs]), end="")
-        elif not runs:
-            print(f"No runs found under {args.dir}/ (no {RUN_FILE}): each training run writes one beside its "
-                  "checkpoints, e.g. `uv run python cs336_basics/train.py data.checkpoint_dir=checkpoints/my-run`")
-        else:
-            print(runs_table(runs))
-
-    return run_cli(run)
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

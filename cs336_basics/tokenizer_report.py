@@ -29,8 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cs336_basics.common import UserError, one_line, run_cli
-from cs336_basics.common import fmt_duration, format_table
+from cs336_basics.common import UserError, fmt_duration, format_table, one_line, run_command
 from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
 
 PILE_BYTES = 825e9
@@ -166,27 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """Measure every tokenizer on every text and print the table."""
+    if not 0 < args.max_mb < math.inf:
+        raise UserError(f"--max-mb must be a number above 0, got {args.max_mb:g}")
+    if args.cores is not None and args.cores < 1:
+        raise UserError(f"--cores must be at least 1, got {args.cores}")
+    for directory in args.tokenizer_dir:  # every input is checked before the first long encode
+        open_tokenizer(directory)
+    for path in args.text:
+        read_text(path, int(args.max_mb * 1e6))
+    results = [measure(d, t, max_mb=args.max_mb, cores=args.cores, progress=not args.no_progress)
+               for d in args.tokenizer_dir for t in args.text]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(report(results, args.max_mb))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        if not 0 < args.max_mb < math.inf:
-            raise UserError(f"--max-mb must be a number above 0, got {args.max_mb:g}")
-        if args.cores is not None and args.cores < 1:
-            raise UserError(f"--cores must be at least 1, got {args.cores}")
-        for directory in args.tokenizer_dir:  # every input is checked before the first long encode
-            open_tokenizer(directory)
-        for path in args.text:
-            read_text(path, int(args.max_mb * 1e6))
-        results = [measure(d, t, max_mb=args.max_mb, cores=args.cores, progress=not args.no_progress)
-                   for d in args.tokenizer_dir for t in args.text]
-        if args.json:
-            print(json.dumps([asdict(r) for r in results], indent=2))
-        else:
-            print(report(results, args.max_mb))
-
-    return run_cli(run)
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
