@@ -116,10 +116,18 @@ def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
         if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == errno.EIO):
             raise CheckpointError(f"cannot read checkpoint {name}: {e.strerror or e}") from None
         raise CheckpointError(f"{name} is not a checkpoint (damaged, truncated or another kind of file): "
-                              f"{one_line(e, 160)}") from None
+                              f"{_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise CheckpointError(f"{name} is not a training checkpoint (no 'model' and 'iteration' entries)")
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to retry with ``weights_only=False`` (unsafe)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return one_line(text, 160)
 
 
 def load_checkpoint(src: PathOrFile | dict, model: torch.nn.Module,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_cli
+from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_command
 from cs336_basics.config import ModelConfig
 from cs336_basics.fileio import _host, _pid_alive, temp_path
 
@@ -374,24 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export a model or tokenizer, or import a tokenizer, as the subcommand says."""
+    if args.command == "hf":
+        export_hf(args.checkpoint, args.out, args.tokenizer_dir, dtype=args.dtype, overwrite=args.overwrite,
+                  log=_log)
+    elif args.command == "tokenizer":
+        export_tokenizer(args.tokenizer_dir, args.out, overwrite=args.overwrite, log=_log)
+    else:
+        import_tokenizer(args.source, args.out, special_tokens=args.special_tokens, overwrite=args.overwrite,
+                         log=_log)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
-
-    def body() -> None:
-        if args.command == "hf":
-            export_hf(args.checkpoint, args.out, args.tokenizer_dir, dtype=args.dtype, overwrite=args.overwrite,
-                      log=log)
-        elif args.command == "tokenizer":
-            export_tokenizer(args.tokenizer_dir, args.out, overwrite=args.overwrite, log=log)
-        else:
-            import_tokenizer(args.source, args.out, special_tokens=args.special_tokens, overwrite=args.overwrite,
-                             log=log)
-
-    return run_cli(body, interrupted="interrupted; nothing was written")
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":
