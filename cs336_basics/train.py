@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     """``--sweep``: every grid point as its own run (folder, run.json, metrics.jsonl, W&B run in one group), in turn."""
-    from cs336_basics.sweep import check_name, default_name, parse_sweep, run_sweep
+    from cs336_basics.sweep import check_name, default_name, grid, parse_sweep, run_sweep
 
     if not args.sweep:
         raise UserError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
@@ -736,7 +736,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         raise UserError("--sweep runs its own runs: drop --init-from / --run-name, and run it without torchrun")
     path = config_path(args.config_path, args.preset)
     axes = parse_sweep(args.sweep, args.overrides)
-    base = load_config(path, args.overrides)
+    first = [f"{k}={v}" for k, v in grid(axes)[0].items()]  # the base alone may be invalid (min_lr above its max_lr)
+    base = load_config(path, [*args.overrides, *first])
     name = check_name(args.sweep_name) if args.sweep_name else default_name(axes)
     out_dir = Path(base.data.checkpoint_dir) / name
 

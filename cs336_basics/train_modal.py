@@ -238,7 +238,7 @@ class LaunchArgs:
     """The arguments, checked without the network: the GPU, the config, and for a sweep its axes and runs' configs."""
 
     spec: gpus.GPUSpec
-    cfg: Any  # the config (a sweep's before the swept values)
+    cfg: Any  # the config (for a sweep, its first run's)
     axes: list[tuple[str, list[str]]] | None = None  # --sweep: the keys and their values (sweep.parse_sweep)
     configs: list[Any] = field(default_factory=list)  # --sweep: each run's config, in grid order
 
@@ -278,12 +278,11 @@ def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str 
                           cfg.source or "config")
         return cfg
 
-    cfg = checked([])
     specs = ([sweep] if sweep else []) if isinstance(sweep, str) else list(sweep)
     if not specs:
         if sweep_name:
             raise SweepError("--sweep-name needs at least one --sweep KEY=V1,V2 (the values to try)")
-        return LaunchArgs(spec, cfg)
+        return LaunchArgs(spec, checked([]))
     if run_name or resume:
         raise SweepError("--sweep names its runs after their values and continues unfinished ones by itself: drop "
                          "--run-name / --resume (the same --sweep-name again continues a sweep)")
@@ -299,7 +298,7 @@ def check_launch_args(config_path: str = "", wandb: bool = False, run_name: str 
             configs.append(checked(point.overrides))
         except UserError as exc:
             raise SweepError(f"sweep run {point.name}: {one_line(exc)}") from None
-    return LaunchArgs(spec, cfg, axes, configs)
+    return LaunchArgs(spec, configs[0], axes, configs)  # the base config alone need not be valid (min_lr > max_lr)
 
 
 def sweep_folder(name: str) -> str:

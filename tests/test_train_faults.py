@@ -368,8 +368,9 @@ def test_run_json_records_the_run(root):
 def test_local_sweep_with_a_diverging_run(root, capsys):
     from cs336_basics.train import main
 
+    # min_lr=1e-3 is above the default max_lr (3e-4) but below every swept one: the base config alone is invalid
     args = [a for a in tiny_overrides(root, max_iters=8, eval_interval=4, checkpoint_interval=4, grad_clip=0,
-                                      warmup_iters=0, min_lr=0) if not a.startswith("training.max_lr=")]
+                                      warmup_iters=0, min_lr=1e-3) if not a.startswith("training.max_lr=")]
     args += ["--sweep", "training.max_lr=1e-2,1e6", "--sweep-name", "lr"]
     assert main(args) == 0  # a diverged run is a result of the sweep, not its failure
     out_dir = root / "ckpt" / "lr"

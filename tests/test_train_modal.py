@@ -1147,6 +1147,20 @@ def test_every_repeated_sweep_flag_is_used(monkeypatch, tmp_path):
         (1e-3, 4), (1e-3, 8), (1e-2, 4), (1e-2, 8)]
 
 
+def test_a_sweep_is_checked_run_by_run_not_as_its_base_config(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    # the base alone is invalid twice over: min_lr above the default max_lr, and batch_size 4 not divisible by 8 GPUs
+    args = tm.check_launch_args("tiny.yaml", gpu="A100:8", overrides="training.min_lr=1e-3",
+                                sweep=["training.max_lr=1e-2,1e-1", "training.batch_size=8,16"])
+    assert [(c.training.max_lr, c.training.batch_size) for c in args.configs] == [
+        (1e-2, 8), (1e-2, 16), (1e-1, 8), (1e-1, 16)]
+    assert args.cfg is args.configs[0]
+    with pytest.raises(UserError, match="sweep run max_lr=1e-4_batch_size=8: .*min_lr"):
+        tm.check_launch_args("tiny.yaml", gpu="A100:8", overrides="training.min_lr=1e-3",
+                             sweep=["training.max_lr=1e-4,1e-2", "training.batch_size=8,16"])
+
+
 def test_a_time_budget_bounds_each_attempt_and_the_plan_says_so(project, monkeypatch):
     from cs336_basics.config import PRESETS_DIR
 
