@@ -65,6 +65,7 @@ class RunCurves:
     """What a run's ``metrics.jsonl`` holds, ready to plot."""
 
     name: str
+    status: str | None  # run.json's (finished, diverged, out of time, ...), None without one
     run_dir: Path
     train: Split
     val: Split
@@ -99,12 +100,13 @@ def metrics_path(run_dir: str | os.PathLike) -> Path:
     return path / METRICS_FILE
 
 
-def run_name(run_dir: Path) -> str:
-    """``run.json``'s name when it is readable, else the folder's name."""
+def run_name_and_status(run_dir: Path) -> tuple[str, str | None]:
+    """``run.json``'s name and status when it is readable, else the folder's name and no status."""
     try:
-        return read_run_record(run_dir / RUN_FILE).name
+        record = read_run_record(run_dir / RUN_FILE)
     except RunRecordError:
-        return run_dir.resolve().name
+        return run_dir.resolve().name, None
+    return record.name, record.status
 
 
 def load_curves(run_dir: str | os.PathLike) -> RunCurves:
@@ -134,7 +136,7 @@ def load_curves(run_dir: str | os.PathLike) -> RunCurves:
                 target[it] = (_number(record.get("tokens")), _number(record.get("elapsed_s")), loss)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {one_line(exc)}") from None
-    curves = RunCurves(run_name(folder), folder, _split(train), _split(val), skipped)
+    curves = RunCurves(*run_name_and_status(folder), folder, _split(train), _split(val), skipped)
     if skipped:
         curves.notes.append(f"{curves.name}: skipped {skipped} unreadable line(s) of {path}")
     _fill_from_train(curves)
@@ -216,7 +218,8 @@ def build_figure(run_dirs: Sequence[str | os.PathLike], x: str = "steps", log_y:
             notes.append(f"{r.name}: no {'points' if not len(r.train) + len(r.val) else x + ' values'} "
                          f"in {r.run_dir / METRICS_FILE}: nothing drawn")
             continue
-        legend = name + (f"  (best val {vy.min():.3f})" if len(vy) else "")
+        ended = f"{r.status.replace('_', ' ')}, " if r.status not in (None, "finished", "running") else ""
+        legend = name + (f"  ({ended}best val {vy.min():.3f})" if len(vy) else f"  ({ended[:-2]})" if ended else "")
         if len(tx):
             (line,) = ax.plot(tx / scale, ty, color=color, lw=1.0, alpha=0.45, zorder=2,
                               label=legend if not len(vx) else f"_{name} train")

@@ -97,6 +97,17 @@ def test_legend_name_from_run_json(tmp_path):
     assert set(lines_by_gid(build_figure([tmp_path / "folder"]))) == {"train:folder", "val:folder"}
 
 
+def test_legend_says_how_a_run_ended_unless_it_finished(tmp_path):
+    for name, status, val_every in (("ok", "finished", 50), ("lr-big", "diverged", 50), ("slow", "out_of_time", None)):
+        write_metrics(tmp_path / name, val_every=val_every)
+        write_run_record(tmp_path / name, RunRecord(name=name, status=status))
+    (ax,) = build_figure([tmp_path / n for n in ("ok", "lr-big", "slow")]).axes
+    (run_legend,) = [a for a in ax.artists if hasattr(a, "get_texts")]
+    labels = [t.get_text() for t in run_legend.get_texts()]
+    assert labels[0].startswith("ok  (best val ") and labels[1].startswith("lr-big  (diverged, best val ")
+    assert labels[2] == "slow  (out of time)"  # train records only
+
+
 def test_old_val_records_get_interpolated_positions(tmp_path):
     write_metrics(tmp_path / "a", old_val_format=True, every=20, val_every=50, iters=110)
     notes: list[str] = []
