@@ -131,16 +131,18 @@ def _load_failure(e: Exception) -> str:
 
 
 def load_checkpoint(src: PathOrFile | dict, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> int:
+                    optimizer: torch.optim.Optimizer | None = None, *, name: str | None = None) -> int:
     """Restore model (and optimizer, when given) state from ``src``; return the saved iteration.
 
-    ``src`` may also be a dict already returned by read_checkpoint (avoids reading a large file twice).
+    ``src`` may also be a dict already returned by read_checkpoint (avoids reading a large file twice); ``name``
+    (its path) then names it in errors.
     """
     ckpt = src if isinstance(src, dict) else read_checkpoint(src)
-    _load_weights(unwrap_model(model), ckpt["model"], _name(src))
+    name = name or _name(src)
+    _load_weights(unwrap_model(model), ckpt["model"], name)
     if optimizer is not None:
         if ckpt.get("optimizer") is None:
-            raise CheckpointError(f"checkpoint {_name(src)} holds no optimizer state")
+            raise CheckpointError(f"checkpoint {name} holds no optimizer state")
         optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["iteration"])
 
@@ -168,14 +170,16 @@ def model_config(ckpt: dict[str, Any], name: str = "checkpoint") -> ModelConfig:
     return config
 
 
-def load_model(src: PathOrFile | dict, device: str | torch.device = "cpu") -> TransformerLM:
+def load_model(src: PathOrFile | dict, device: str | torch.device = "cpu", *, name: str | None = None) -> TransformerLM:
     """Build a TransformerLM from the checkpoint's ``config["model"]`` and load its weights, in eval mode.
 
-    ``src`` may be a path, a file object, or a dict already returned by read_checkpoint.
+    ``src`` may be a path, a file object, or a dict already returned by read_checkpoint (``name``, its path, then
+    names it in errors).
     """
     ckpt = src if isinstance(src, dict) else read_checkpoint(src)
-    model = TransformerLM(model_config(ckpt, _name(src)), device=device)
-    _load_weights(model, ckpt["model"], _name(src))
+    name = name or _name(src)
+    model = TransformerLM(model_config(ckpt, name), device=device)
+    _load_weights(model, ckpt["model"], name)
     return model.eval()
 
 
@@ -189,7 +193,7 @@ def load_model_with_info(path: str | os.PathLike, device: str | torch.device = "
     info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
     if not isinstance(info.get("config"), dict):
         info["config"] = {}
-    return load_model(ckpt, device=device), info
+    return load_model(ckpt, device=device, name=str(path)), info
 
 
 def _load_weights(model: torch.nn.Module, state_dict: dict[str, Any], name: str) -> None:
@@ -255,4 +259,6 @@ def newest_checkpoint(directory: str | os.PathLike,
 
 
 def _name(src: Any) -> str:
+    if isinstance(src, dict):
+        return "checkpoint"
     return str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<file object>")

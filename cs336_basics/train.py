@@ -330,7 +330,7 @@ def restore(run: Run, resume: bool, init_from: str | None, log: Callable[[str], 
         path, ckpt = found
         _check_same_model(ckpt, run.cfg, f"{path} was trained with {{}}: resume with the checkpoint's model settings")
         try:
-            load_checkpoint(ckpt, run.model, run.optimizer)
+            load_checkpoint(ckpt, run.model, run.optimizer, name=str(path))
         except CheckpointError as exc:
             raise TrainingError(f"--resume: {exc}") from None
         run.state = RunState.from_checkpoint(ckpt)
@@ -350,7 +350,7 @@ def restore(run: Run, resume: bool, init_from: str | None, log: Callable[[str], 
         try:
             ckpt = read_checkpoint(path)
             _check_same_model(ckpt, run.cfg, f"--init-from {path} has {{}}: pass the checkpoint's values as overrides")
-            load_checkpoint(ckpt, run.model)
+            load_checkpoint(ckpt, run.model, name=str(path))
         except CheckpointError as exc:
             raise TrainingError(f"--init-from: {exc}") from None
         run.start = f"weights from {path} (fresh optimizer, iteration 0)"

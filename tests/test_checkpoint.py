@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cs336_basics.config import ModelConfig
-from cs336_basics.checkpoint import CheckpointError, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from cs336_basics.checkpoint import (CheckpointError, load_checkpoint, load_model, load_model_with_info, read_checkpoint,
+                                     save_checkpoint)
 from cs336_basics.common import UserError
 from cs336_basics.model import TransformerLM
 from cs336_basics.optimizer import AdamW
@@ -181,6 +182,11 @@ def test_config_and_weights_that_do_not_fit_give_one_line(tmp_path):
         load_model(tmp_path / "other.pt")
     assert "do not fit the model" in str(info.value) and "wrong shape" in str(info.value)
     assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=r"the weights in .*other\.pt do not fit"):  # read once, still named
+        load_model_with_info(tmp_path / "other.pt")
+    fresh, opt = _trained()[:2]
+    with pytest.raises(CheckpointError, match=r"checkpoint .*other\.pt holds no optimizer state"):
+        load_checkpoint(read_checkpoint(tmp_path / "future.pt"), fresh, opt, name=str(tmp_path / "other.pt"))
     save_checkpoint(model, None, 1, tmp_path / "bad.pt", config={"model": {**CFG, "ffn": "geglu"}})
     with pytest.raises(CheckpointError, match="ffn='geglu'"):
         load_model(tmp_path / "bad.pt")
