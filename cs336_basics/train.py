@@ -569,9 +569,10 @@ class Clock:
         ranks that stopped at different steps, or set different learning rates, would hang or drift apart."""
         if self.budget_s is None:
             return 0.0, False
+        if not run.info.enabled:  # one process: no device tensor, so no host-device sync per step
+            return self.fraction(), self.out_of_time()
         values = torch.tensor([self.fraction(), float(self.out_of_time())], dtype=torch.float64, device=run.device)
-        if run.info.enabled:
-            dist.broadcast(values, src=0)
+        dist.broadcast(values, src=0)
         fraction, out = values.tolist()
         return fraction, out > 0
 
