@@ -682,12 +682,6 @@ def close_process_group() -> None:
     dist.destroy_process_group()
 
 
-def find_latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest readable checkpoint in ``directory`` (see checkpoint.newest_checkpoint), or None."""
-    found = newest_checkpoint(directory)
-    return found[0] if found else None
-
-
 # ----------------------------------------------------------------------------- command line
 
 

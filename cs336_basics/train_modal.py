@@ -749,7 +749,8 @@ def run_training(
     Anything else (a crash, a preemption, a final commit that keeps failing) raises, and Modal retries.
     """
     from cs336_basics.config import config_from_dict
-    from cs336_basics.train import find_latest_checkpoint, train
+    from cs336_basics.checkpoint import list_checkpoints
+    from cs336_basics.train import train
 
     started = time.time()
     attempts = [started]
@@ -777,9 +778,11 @@ def run_training(
             if not commit_with_retries(commit, "of the launch record") and not restart:
                 raise RuntimeError("could not commit the launch record to the volume; Modal retries the call")
         resume = resume or restart
-        latest = find_latest_checkpoint(ckpt_dir) if resume else None
+        # train() resumes from the newest readable one (or stops, naming them, when none can be read): no need
+        # to read a checkpoint here too
+        resumed = resume and bool(list_checkpoints(ckpt_dir))
         why = f"restarted by Modal (attempt {len(attempts)})" if restart else "--resume"
-        print(f"[train_modal] {why}: continuing from {latest}" if latest else
+        print(f"[train_modal] {why}: continuing from the newest readable checkpoint in {ckpt_dir}/" if resumed else
               f"[train_modal] {'no checkpoint yet: ' if resume else ''}starting from scratch", flush=True)
 
         with tempfile.TemporaryDirectory(prefix="cs336-data-") as local:
@@ -805,7 +808,7 @@ def run_training(
             f"written since the last successful commit (including {result.get('checkpoint')}) are NOT persisted; "
             "Modal retries the call, which resumes from the last committed checkpoint"
         )
-    summary = {**result, "resumed": latest is not None, **billed()}
+    summary = {**result, "resumed": resumed, **billed()}
     print(f"[train_modal] {cost_line(summary)}", flush=True)
     return summary
 
