@@ -191,8 +191,8 @@ def check_token_file(
 
 def check_same_tokenizer(train: dict[str, Any] | None, val: dict[str, Any] | None, train_label: str,
                          val_label: str, redo: str) -> None:
-    """DataError when the two files' metadata record different tokenizers."""
-    hashes = {m.get("tokenizer_sha256") for m in (train, val) if m is not None}
+    """DataError when the two files' metadata record different tokenizers (a file that records none passes)."""
+    hashes = {m.get("tokenizer_sha256") for m in (train, val) if m is not None} - {None}
     if len(hashes) > 1:
         raise DataError(f"{train_label} and {val_label} were tokenized with different tokenizers: {redo}")
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cs336_basics.data import get_batch, load_tokens
+from cs336_basics.data import get_batch, load_tokens, metadata_path
 from cs336_basics.device import DeviceError
-from cs336_basics.data import metadata_path
 
 
 def test_get_batch_shapes_dtypes_and_shift():
@@ -100,3 +99,15 @@ def test_load_tokens_clear_errors(tmp_path):
     metadata_path(path).unlink()
     with pytest.raises(ValueError, match="whole number"):
         load_tokens(path)
+
+
+def test_check_same_tokenizer_compares_only_recorded_hashes():
+    from cs336_basics.data import DataError, check_same_tokenizer
+
+    a, b = {"tokenizer_sha256": "a" * 64}, {"tokenizer_sha256": "b" * 64}
+    check_same_tokenizer(a, {"tokenizer_sha256": "a" * 64}, "train.bin", "val.bin", "redo")
+    for unknown in (None, {}, {"tokenizer_sha256": None}):  # no metadata, or metadata that records no tokenizer
+        check_same_tokenizer(a, unknown, "train.bin", "val.bin", "redo")
+        check_same_tokenizer(unknown, b, "train.bin", "val.bin", "redo")
+    with pytest.raises(DataError, match="train.bin and val.bin were tokenized with different tokenizers: redo"):
+        check_same_tokenizer(a, b, "train.bin", "val.bin", "redo")
