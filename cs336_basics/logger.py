@@ -22,12 +22,11 @@ from cs336_basics.common import UserError, fmt_duration, fmt_si, one_line
 from cs336_basics.config import config_to_dict
 from cs336_basics.fileio import atomic_output
 from cs336_basics.gpus import mfu, peak_flops, training_precision
-from cs336_basics.runs import RUN_FILE, RunRecord, write_run_record
+from cs336_basics.runs import METRICS_FILE, RUN_FILE, RunRecord, write_run_record
 
 if TYPE_CHECKING:
     from cs336_basics.train import Clock, Run
 
-METRICS_FILE = "metrics.jsonl"
 LONG_RUN_S = 24 * 3600  # a run that would take longer than this at the measured speed gets one warning
 MANY_EPOCHS = 10.0  # a schedule with more passes over the training data than this gets a warning
 

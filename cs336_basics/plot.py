@@ -34,9 +34,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
 
 from cs336_basics.common import UserError, one_line, run_command
 from cs336_basics.fileio import atomic_output
-from cs336_basics.runs import RUN_FILE, RunRecordError, read_run_record
+from cs336_basics.runs import METRICS_FILE, RUN_FILE, RunRecordError, read_run_record
 
-METRICS_FILE = "metrics.jsonl"
 X_AXES = ("steps", "tokens", "time")
 CLIP_FACTOR = 1.5  # a loss this far above the median starting loss gets the y axis cut (linear axis only)
 

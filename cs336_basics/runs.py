@@ -30,6 +30,7 @@ from cs336_basics.common import UserError, fmt_duration, fmt_loss, fmt_si, forma
 from cs336_basics.fileio import atomic_output
 
 RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"  # logger.py writes it beside run.json; plot.py draws it
 STATUSES = ("running", "finished", "diverged", "out_of_time", "interrupted", "failed")
 FINAL_STATUSES = STATUSES[1:]
 DEFAULT_DIR = "checkpoints"

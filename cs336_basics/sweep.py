@@ -37,11 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.common import DivergedError, UserError, one_line
+from cs336_basics.common import DivergedError, UserError, fmt_duration, fmt_loss, fmt_si, format_table, one_line
 from cs336_basics.fileio import atomic_output
-from cs336_basics.runs import FINAL_STATUSES, RUN_FILE, RunRecord, RunRecordError, read_run_record, to_json, utc_now, \
-    write_run_record
-from cs336_basics.common import fmt_duration, fmt_loss, fmt_si, format_table
+from cs336_basics.runs import (FINAL_STATUSES, METRICS_FILE, RUN_FILE, RunRecord, RunRecordError, read_run_record,
+                               to_json, utc_now, write_run_record)
 
 SWEEP_JSON, SWEEP_CSV, CURVES = "sweep.json", "sweep.csv", "curves.png"
 SKIP_STATUSES = ("finished", "diverged")  # re-running these configs cannot change the outcome
@@ -238,7 +237,7 @@ def _fill_missing(row: dict[str, Any], point: SweepPoint) -> None:
             if row[key] is None:
                 row[key] = getattr(record, key)
         return
-    from cs336_basics.plot import METRICS_FILE, load_curves
+    from cs336_basics.plot import load_curves
 
     if not (point.run_dir / METRICS_FILE).is_file():
         return
@@ -448,7 +447,7 @@ def finish_sweep(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], axe
 
     A picture that cannot be drawn (no run got far enough to log) is noted, not raised: the table matters more.
     """
-    from cs336_basics.plot import METRICS_FILE, plot_runs
+    from cs336_basics.plot import plot_runs
 
     say = (lambda *a: None) if quiet else print
     json_path, csv_path = write_results(out_dir, rows, axes, name=name, started_at=started_at, command=command)
