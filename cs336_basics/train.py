@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cs336_basics.checkpoint import (FINAL_CHECKPOINT, CheckpointError, list_checkpoints, load_checkpoint,
                                      newest_checkpoint, read_checkpoint, save_checkpoint)
 from cs336_basics.common import (DiskFullError, DivergedError, UserError, fmt_duration, one_line,
-                                 run_cli)
+                                 run_command)
 from cs336_basics.config import Config, check_batch_split, config_path, config_to_dict, load_config, preset_names
 from cs336_basics.data import (DataError, check_same_tokenizer, check_token_file, get_batch, load_tokens,
                                read_metadata, sampled_max_token, tokenizer_sha256)
@@ -391,7 +391,7 @@ def fit(run: Run, log: Logger, on_checkpoint: Callable[[Path], None] | None = No
     and checkpoint). A diverged run raises DivergedError.
     """
     t, s = run.cfg.training, run.state
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = run.model.num_parameters()
     clock = Clock(t.max_time_s, s.elapsed_s, save_estimate_s=SAVE_MIN_S + 3 * 4 * n_params / SAVE_BYTES_PER_S)
     model = run.step_model
     model.train()
@@ -706,19 +706,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command(args: argparse.Namespace) -> None:
+    """One run (or, with ``--sweep``, a sweep of runs) from the parsed command line."""
+    if args.sweep or args.sweep_name:
+        sweep(args)
+        return
+    cfg = load_config(config_path(args.config_path, args.preset), args.overrides)
+    train(cfg, wandb=args.wandb, run_name=args.run_name, resume=args.resume, init_from=args.init_from)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (see cs336_basics.common: 2 user error, 3 diverged, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        if args.sweep or args.sweep_name:
-            sweep(args)
-            return
-        cfg = load_config(config_path(args.config_path, args.preset), args.overrides)
-        train(cfg, wandb=args.wandb, run_name=args.run_name, resume=args.resume, init_from=args.init_from)
-
-    return run_cli(run, quiet=not dist_info_from_env().is_main,
-                   interrupted="interrupted: continue from the last checkpoint with --resume")
+    return run_command(build_parser(), command, argv, quiet=not dist_info_from_env().is_main,
+                       interrupted="interrupted: continue from the last checkpoint with --resume")
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
