@@ -189,6 +189,25 @@ def check_token_file(
     return num_tokens
 
 
+def open_token_file(path: str | os.PathLike, *, not_found: str, **checks: Any) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Memory-map a ``.bin`` file after :func:`check_token_file` (``checks`` are its keyword arguments); return the
+    tokens and the metadata (None for a bare ``.bin``, read as uint16). Raises DataError, ``not_found`` when the
+    file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(not_found)
+    try:
+        meta = read_metadata(path)
+    except FileNotFoundError:
+        meta = None
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    size = path.stat().st_size
+    check_token_file(str(path), meta, size, **checks)
+    dtype = np.dtype(meta["dtype"]) if meta is not None else np.dtype(np.uint16)
+    return (np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)), meta
+
+
 def check_same_tokenizer(train: dict[str, Any] | None, val: dict[str, Any] | None, train_label: str,
                          val_label: str, redo: str) -> None:
     """DataError when the two files' metadata record different tokenizers (a file that records none passes)."""

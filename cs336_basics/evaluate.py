@@ -111,22 +111,16 @@ def evaluate(
 
 def load_checked_tokens(path: str | Path, model_vocab_size: int) -> np.ndarray:
     """The token stream in ``path`` after the shared checks (data.check_token_file); UserError otherwise."""
-    from cs336_basics.data import DataError, check_token_file, load_tokens, read_metadata
+    from cs336_basics.data import open_token_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)")
-    try:
-        meta = read_metadata(path)
-    except FileNotFoundError:
-        meta = None  # a bare .bin: token ids are still range-checked while evaluating
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
-    check_token_file(str(path), meta, path.stat().st_size, vocab_size=model_vocab_size, min_tokens=2,
-                     config_hint="", redo="uv run python prepare_data.py --use-existing-tokenizer ...",
-                     vocab_fix="evaluate with data tokenized by the model's tokenizer", too_short="to evaluate",
-                     what="the model's vocab_size")
-    return load_tokens(path)
+    # a bare .bin (no metadata) passes: its token ids are still range-checked while evaluating
+    tokens, _ = open_token_file(
+        path, not_found=f"data file not found: {path} (tokenize it first with prepare_data.py or pass --data PATH)",
+        vocab_size=model_vocab_size, min_tokens=2, config_hint="",
+        redo="uv run python prepare_data.py --use-existing-tokenizer ...",
+        vocab_fix="evaluate with data tokenized by the model's tokenizer", too_short="to evaluate",
+        what="the model's vocab_size")
+    return tokens
 
 
 def build_parser() -> argparse.ArgumentParser:

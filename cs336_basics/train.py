@@ -46,8 +46,8 @@ from cs336_basics.checkpoint import (FINAL_CHECKPOINT, CheckpointError, list_che
 from cs336_basics.common import (DiskFullError, DivergedError, UserError, fmt_duration, one_line,
                                  run_command)
 from cs336_basics.config import Config, check_batch_split, config_path, config_to_dict, load_config, preset_names
-from cs336_basics.data import (DataError, check_same_tokenizer, check_token_file, get_batch, load_tokens,
-                               read_metadata, sampled_max_token, tokenizer_sha256)
+from cs336_basics.data import (DataError, check_same_tokenizer, get_batch, open_token_file, sampled_max_token,
+                               tokenizer_sha256)
 from cs336_basics.device import DeviceError, autocast_for, pick_device
 from cs336_basics.fileio import prepare_output_dir
 from cs336_basics.logger import Logger, banner, check_wandb_login, start_wandb
@@ -118,18 +118,10 @@ def open_datasets(cfg: Config) -> tuple[np.ndarray, np.ndarray, str | None]:
     redo = PREPARE_HINT.format(vocab=vocab, data_dir=cfg.data.data_dir)
     arrays, metas = [], []
     for split, path in (("train", cfg.data.train_file), ("val", cfg.data.val_file)):
-        if not path.is_file():
-            raise DataError(f"{split} data {path} not found: create it with `{redo}` "
-                            f"(or point data.data_dir / data.{split}_path at your .bin files)")
-        try:
-            meta = read_metadata(path)
-        except FileNotFoundError:
-            meta = None
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-        check_token_file(str(path), meta, path.stat().st_size, vocab_size=vocab,
-                         min_tokens=cfg.model.context_length + 1, config_hint=where, redo=redo)
-        tokens = load_tokens(path)
+        tokens, meta = open_token_file(
+            path, not_found=f"{split} data {path} not found: create it with `{redo}` (or point data.data_dir / "
+            f"data.{split}_path at your .bin files)", vocab_size=vocab, min_tokens=cfg.model.context_length + 1,
+            config_hint=where, redo=redo)
         top = sampled_max_token(tokens)
         if top >= vocab:
             raise DataError(f"{path} holds token id {top} but model.vocab_size={vocab}: the data was made with a larger "
