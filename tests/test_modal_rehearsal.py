@@ -179,9 +179,12 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
     root, _, base = layout
     elsewhere = base / "workdir"
     elsewhere.mkdir()
-    config = _config(batch_size=8, max_iters=16, checkpoint_interval=4, eval_interval=8, log_interval=4)
+    # The launcher's watcher thread commits what the workers wrote; it must get to run between the first checkpoint
+    # and the last, or the "preempted" attempt has already finished: seconds of training after the first checkpoint
+    # (0.3 s was too short on a loaded machine: the whole run was in the watcher's first commit).
+    config = _config(batch_size=8, max_iters=240, checkpoint_interval=40, eval_interval=80, log_interval=40)
     reference_vol, reference = reference_run(base, "ddp-reference", config, 2)
-    assert reference["iterations"] == 16
+    assert reference["iterations"] == 240
 
     vol = make_volume(base, "ddp")
     first = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere, preempt_after_commit=2)
@@ -191,7 +194,7 @@ def test_two_process_torchrun_container_is_preempted_and_the_retry_resumes_bit_e
 
     second = Container(layout, vol, _kwargs(config, "launch", 2), cwd=elsewhere)
     assert second.returncode == 0, second.output[-3000:]
-    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 16
+    assert second.result["resumed"] is True and second.result["attempts"] == 2 and second.result["iterations"] == 240
     assert "restarted by Modal (attempt 2): continuing from" in second.output
     # each worker ran train.py's main and recorded its exit code where the launcher reads it (torchrun exits 1
     # whatever its workers' codes: these records are how a user error or divergence avoids a retry)
