@@ -501,7 +501,8 @@ def check_before_connecting(argv: list[str], script: str, entrypoint: Callable[.
     try:
         check(**kwargs)
     except UserError as exc:
-        fail(f"error: {one_line(exc)}", exc.exit_code)
+        exit_on_cli_error(exc)  # a UserError always has its one line: this exits
+        raise
     if not has_credentials():
         fail(f"error: no Modal credentials on this machine: {SETUP_HINT}")
     return kwargs
