@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -157,12 +157,13 @@ def upload_command(local: str | Path, remote_name: str) -> str:
             f"--remote-name {remote_name} --data-type data")
 
 
-def read_remote_metadata(vol: Any, remote_name: str) -> dict | None:
-    """The metadata JSON beside a .bin in the volume's /data/, checked as local files are; None if absent."""
+def read_remote_metadata(vol: Any, remote_name: str, listing: Collection[str]) -> dict | None:
+    """The metadata JSON beside a .bin in the volume's /data/, checked as local files are; None if absent from
+    ``listing`` (the names /data/ holds, as the caller listed it)."""
     from cs336_basics.data import metadata_path, parse_metadata
 
     meta_name = metadata_path(Path(remote_name)).as_posix()
-    if meta_name not in {f.name for f in list_files(vol, "data")}:
+    if meta_name not in listing:
         return None
     text = b"".join(vol.read_file("/" + remote_path(meta_name, "data")))
     try:
@@ -197,7 +198,7 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
                 f"Data file not found on Modal: /data/{name} (data.{split}_path) is not in volume {VOLUME_NAME} "
                 f"(/data/ holds: {present}). Upload it with: {upload_command(local, name)}"
             )
-        meta = read_remote_metadata(vol, name)
+        meta = read_remote_metadata(vol, name, remote)
         if meta is None:
             notes.append(f"note: /data/{name} has no metadata JSON beside it, so its vocab_size cannot be checked; "
                          f"re-upload it from a folder holding {local.name}.json to enable the check")
@@ -209,8 +210,10 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
     check_same_tokenizer(metas["train"], metas["val"], labels["train"], labels["val"],
                          "tokenize both with the same tokenizer (prepare_data.py --use-existing-tokenizer) and upload "
                          "them again with --force")
+    if resume:  # the listing below only serves the note for a fresh start
+        return notes
     checkpoints = [f.name for f in list_files(vol, "checkpoint") if f.name.endswith(".pt") and "/" not in f.name]
-    if checkpoints and not resume:
+    if checkpoints:
         notes.append(f"note: /checkpoints/ holds {len(checkpoints)} checkpoint(s) of an earlier run; this run starts "
                      f"from scratch and moves them to /checkpoints/{ARCHIVE_DIR}/<time>/ (pass --resume to continue "
                      "from them instead)")

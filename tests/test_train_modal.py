@@ -328,6 +328,18 @@ def test_preflight_catches_truncated_upload_mixed_tokenizers_short_data_and_note
     assert not any("checkpoint" in n for n in tm.preflight(vol, load_config("tiny.yaml"), resume=True))
 
 
+def test_preflight_lists_data_once_and_checkpoints_only_for_a_fresh_start(project, monkeypatch):
+    _, vol = project
+    listed = []
+    real = vol.listdir
+    monkeypatch.setattr(vol, "listdir", lambda path, **kw: listed.append(path) or real(path, **kw))
+    tm.preflight(vol, load_config("tiny.yaml"))
+    assert listed == ["/data", "/checkpoints"]
+    listed.clear()
+    tm.preflight(vol, load_config("tiny.yaml"), resume=True)  # the checkpoints only serve the fresh start's note
+    assert listed == ["/data"]
+
+
 def test_wandb_secret_check_asks_for_the_key():
     def missing(name):
         raise modal.exception.NotFoundError(f"Secret {name!r} not found")
