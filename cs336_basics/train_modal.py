@@ -1084,16 +1084,25 @@ def _detached() -> bool:
     return bool(RUN_OPTIONS & {"-d", "--detach"})
 
 
-def _follow_lines(call_id: str) -> list[str]:
+def _follow_lines(call_ids: list[str], names: list[str] | None = None) -> list[str]:
+    """Where to follow spawned calls (a run's one, or a sweep's, one per name in ``names``), and what closing this
+    terminal does to them: stops them, or under ``--detach`` not, and how to wait for them again."""
     app_id = getattr(app, "app_id", None)
-    logs = f"modal app logs -f {app_id}" if app_id else "modal app logs -f <app id>"
-    lines = [f"Training call {call_id}: follow it with `{logs}` or on https://modal.com/apps"]
-    if _detached():
-        lines.append("Detached: closing this terminal does not stop training, and Modal still retries it; wait for it "
-                     f"again with `modal run cs336_basics/train_modal.py --attach {call_id}`")
+    follow = f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps"
+    attach = f"`modal run cs336_basics/train_modal.py --attach {','.join(call_ids)}`"
+    if names is None:
+        (call_id,) = call_ids
+        lines = [f"Training call {call_id}: follow it with {follow}"]
+        what, goes_on = "run", f"training, and Modal still retries it; wait for it again with {attach}"
     else:
-        lines.append("Ctrl-C or closing this terminal stops the run; launch with `modal run --detach ...` to let it "
-                     "go on without this terminal")
+        lines = [f"Calls: {', '.join(f'{n} {c}' for n, c in zip(names, call_ids))}; follow them with {follow}"]
+        what, goes_on = "sweep", ("the sweep, and Modal still retries its runs; each run rewrites the table in the "
+                                  f"volume when it ends; wait for them again with {attach}")
+    if _detached():
+        lines.append(f"Detached: closing this terminal does not stop {goes_on}")
+    else:
+        lines.append(f"Ctrl-C or closing this terminal stops the {what}; launch with `modal run --detach ...` to let "
+                     "it go on without this terminal")
     return lines
 
 
@@ -1102,7 +1111,7 @@ def launch_run(plan: LaunchPlan) -> int:
     print(f"Launching on {plan.spec} (volume {VOLUME_NAME} at {MOUNT}; up to {_duration(plan.timeout_s)} per "
           f"attempt, {MAX_RETRIES} retries, each resuming from the latest committed checkpoint)", flush=True)
     call = train_remote.spawn(**plan.calls[0])
-    for line in _follow_lines(call.object_id):
+    for line in _follow_lines([call.object_id]):
         print(line, flush=True)
     return report(call.get())
 
@@ -1134,17 +1143,8 @@ def launch_sweep(plan: LaunchPlan) -> int:
     print(f"Launching {len(plan.calls)} run(s) on {plan.spec}, one container each (up to {_duration(plan.timeout_s)} "
           f"per attempt, {MAX_RETRIES} retries each, resuming from the run's latest committed checkpoint)", flush=True)
     calls = [(kwargs["run_name"], train_remote.spawn(**kwargs)) for kwargs in plan.calls]
-    app_id = getattr(app, "app_id", None)
-    print(f"Calls: {', '.join(f'{name} {call.object_id}' for name, call in calls)}; follow them with "
-          f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps", flush=True)
-    ids = ",".join(call.object_id for _, call in calls)
-    if _detached():
-        print("Detached: closing this terminal does not stop the sweep, and Modal still retries its runs; each run "
-              f"rewrites the table in the volume when it ends; wait for them again with `modal run "
-              f"cs336_basics/train_modal.py --attach {ids}`", flush=True)
-    else:
-        print("Ctrl-C or closing this terminal stops the sweep; launch with `modal run --detach ...` to let it go on "
-              "without this terminal", flush=True)
+    for line in _follow_lines([call.object_id for _, call in calls], [name for name, _ in calls]):
+        print(line, flush=True)
     results = []
     for i, (name, call) in enumerate(calls):
         result = _wait(call, f"[{i + 1}/{len(calls)}] {name}", f"the same --sweep-name {sweep.name} runs it again")
