@@ -465,6 +465,12 @@ def _tokens(cfg: Any) -> int:
     return t.max_iters * t.batch_size * cfg.model.context_length
 
 
+def _precision(cfg: Any) -> str:
+    """The peak (gpus.py's precision) a run is planned at: tf32 for training.dtype=float32 (train.py sets TF32
+    matmuls on CUDA), else bf16 (the bf16 autocast that ``auto`` picks on a GPU supporting it)."""
+    return "tf32" if cfg.training.dtype == "float32" else "bf16"
+
+
 def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
              count: int) -> tuple[str, tuple[float, float] | None]:
     """What ``cfg``'s run would take on ``count`` x ``gpu`` in words, and its cost range in US$ (None: no estimate).
@@ -475,7 +481,7 @@ def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
     tokens = _tokens(cfg)
     price = gpus.hourly_price(gpu, count)
     priced = "no price in cs336_basics/gpus.py: see https://modal.com/pricing" if price is None else f"${price:.2f}/h"
-    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, "tf32" if t.dtype == "float32" else "bf16")
+    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, _precision(cfg))
     if hours is None:
         return f"no time estimate (no peak FLOP/s for it in cs336_basics/gpus.py); {priced}", None
     fast, slow = hours
@@ -522,9 +528,8 @@ def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
     except ImportError:  # a `modal` installed without torch: no FLOPs, so no estimate
         return [f"Plan: {t.max_iters:,} iterations, {tokens:,} tokens, on {spec} (install torch here for an estimate "
                 "of time and cost)"] + ([budget] if budget else [])
-    precision = "tf32" if t.dtype == "float32" else "bf16"
     lines = [f"Plan: {t.max_iters:,} iterations x {t.batch_size * m.context_length:,} tokens = {tokens:,} tokens, "
-             f"{tokens * flops_per_token:.2e} FLOPs ({precision}), on {spec}"
+             f"{tokens * flops_per_token:.2e} FLOPs ({_precision(cfg)}), on {spec}"
              + (" (Modal tries them in this order)" if len(spec.choices) > 1 else "")]
     if budget:
         lines.append(budget)
