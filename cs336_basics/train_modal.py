@@ -62,7 +62,6 @@ from cs336_basics.modal_utils import (
     exit_on_cli_error,
     fail,
     list_files,
-    modal_run_args,
     remote_path,
 )
 from cs336_basics.modal_worker import STATUS_ENV, exit_codes
@@ -382,17 +381,20 @@ def plan_launch(
     sweep: str | Sequence[str] = (),
     sweep_name: str = "",
     secret_lookup: Callable[[str], Any] | None = None,
+    launch: LaunchArgs | None = None,
 ) -> LaunchPlan:
     """Check the arguments, the config(s), the volume (and the W&B secret); raise UserError on the first problem.
 
-    A sweep's runs that the volume records as ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
+    ``launch``: what :func:`check_launch_args` already returned for these arguments (then they are not checked
+    again, and the GPU, config and sweep arguments are taken from it). A sweep's runs that the volume records as
+    ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
     """
     from cs336_basics.config import config_to_dict
     from cs336_basics.runs import utc_now
     from cs336_basics.sweep import default_name, plan_sweep, point_row
 
-    args = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset, sweep=sweep,
-                             sweep_name=sweep_name)
+    args = launch or check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset,
+                                       sweep=sweep, sweep_name=sweep_name)
     configs = args.configs or [args.cfg]
     notes: list[str] = []
     checked = set()
@@ -1188,12 +1190,14 @@ def attach_calls(call_ids: list[str]) -> int:
     return 0
 
 
-def sweep_specs(sweep: str) -> list[str]:
-    """Every ``--sweep`` given: Modal's parser passes only the last one, the command line (LAUNCH_ARGS) holds all."""
-    given = (LAUNCH_ARGS or {}).get("sweep") or []
-    if sweep and given and given[-1] == sweep:
-        return list(given)
-    return [sweep] if sweep else []
+def checked_launch(args: dict[str, Any]) -> LaunchArgs | None:
+    """LAUNCH, what the check before connecting returned, when it was made for ``args`` (main's arguments; Modal's
+    parser passes only the last ``--sweep``, the check read every one from the command line); None otherwise, and
+    plan_launch checks ``args`` itself."""
+    if LAUNCH is None or LAUNCH_ARGS is None:
+        return None
+    specs = LAUNCH_ARGS["sweep"]
+    return LAUNCH if {**LAUNCH_ARGS, "sweep": specs[-1] if specs else ""} == args else None
 
 
 def main(
@@ -1216,9 +1220,12 @@ def main(
             check_launch_args(attach=attach)
             code = attach_calls([call_id.strip() for call_id in attach.split(",")])
         else:
+            args = dict(config_path=config_path, wandb=wandb, run_name=run_name, gpu=gpu, resume=resume,
+                        overrides=overrides, attach=attach, preset=preset, sweep=sweep, sweep_name=sweep_name)
+            launch = checked_launch(args)  # under `modal run`, the arguments were checked at import
             plan = plan_launch(volume, config_path=config_path, overrides=overrides, gpu=gpu, wandb=wandb,
-                               run_name=run_name, resume=resume, preset=preset, sweep=sweep_specs(sweep),
-                               sweep_name=sweep_name, secret_lookup=_lookup_secret)
+                               run_name=run_name, resume=resume, preset=preset, sweep=sweep, sweep_name=sweep_name,
+                               secret_lookup=_lookup_secret, launch=launch)
             declared = (FUNCTION_OPTIONS["gpu"], "secrets" in FUNCTION_OPTIONS, FUNCTION_OPTIONS["timeout"])
             if (plan.spec.modal_value, wandb, plan.timeout_s) != declared:
                 raise PreflightError(f"this app was declared with gpu={declared[0]}, W&B "
@@ -1247,9 +1254,10 @@ def main(
 # Under `modal run`, check the arguments and the config, then the credentials and the W&B secret, before Modal
 # connects (it imports this file first); the GPU, the secret and the timeout must be known here, where the function
 # is declared. Every --sweep counts: Modal's parser would keep only the last.
-LAUNCH_ARGS = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
-RUN_OPTIONS: set[str] = (modal_run_args(sys.argv, "train_modal.py") or ([], set()))[1]
-LAUNCH = check_launch_args(**LAUNCH_ARGS) if LAUNCH_ARGS else None
+_RUN = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
+RUN_OPTIONS: set[str] = _RUN.options if _RUN else set()
+LAUNCH_ARGS: dict[str, Any] | None = _RUN.kwargs if _RUN else None
+LAUNCH: LaunchArgs | None = _RUN.checked if _RUN else None  # None also for --attach
 _WANDB = bool(LAUNCH and LAUNCH_ARGS["wandb"])
 if _WANDB:
     try:
