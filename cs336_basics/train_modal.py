@@ -1222,10 +1222,10 @@ def main(
         else:
             args = dict(config_path=config_path, wandb=wandb, run_name=run_name, gpu=gpu, resume=resume,
                         overrides=overrides, attach=attach, preset=preset, sweep=sweep, sweep_name=sweep_name)
-            launch = checked_launch(args)  # under `modal run`, the arguments were checked at import
+            launch = checked_launch(args)  # under `modal run`, the arguments (and the W&B secret) checked at import
             plan = plan_launch(volume, config_path=config_path, overrides=overrides, gpu=gpu, wandb=wandb,
                                run_name=run_name, resume=resume, preset=preset, sweep=sweep, sweep_name=sweep_name,
-                               secret_lookup=_lookup_secret, launch=launch)
+                               secret_lookup=None if launch else _lookup_secret, launch=launch)
             declared = (FUNCTION_OPTIONS["gpu"], "secrets" in FUNCTION_OPTIONS, FUNCTION_OPTIONS["timeout"])
             if (plan.spec.modal_value, wandb, plan.timeout_s) != declared:
                 raise PreflightError(f"this app was declared with gpu={declared[0]}, W&B "

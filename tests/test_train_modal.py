@@ -1182,6 +1182,31 @@ def test_modal_run_checks_the_arguments_once(project, monkeypatch):
     assert len(loaded) == 4 and plan.sweep.axes == module.LAUNCH.axes and len(plan.calls) == 4
 
 
+def test_modal_run_looks_up_the_wandb_secret_once(project, monkeypatch):
+    _, vol = project
+    hydrated = []
+
+    class Secret:
+        def hydrate(self):
+            hydrated.append(self)
+            return self
+
+    monkeypatch.setattr(modal.Secret, "from_name", lambda name, **kwargs: Secret())
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    args = ["--config-path", "tiny.yaml", "--wandb"]
+    import_fresh(monkeypatch, ["/x/bin/modal", "run", "cs336_basics/train_modal.py", *args])
+    module = sys.modules["train_modal_recorded"]
+    assert len(hydrated) == 1  # before connecting
+    plans = []
+    monkeypatch.setattr(module, "volume", vol)
+    monkeypatch.setattr(module, "launch_run", lambda plan: plans.append(plan) or 0)
+    module.main.info.raw_f(**parse_entrypoint_args(tm.main, args))
+    assert len(plans) == 1 and plans[0].calls[0]["wandb"] is True and len(hydrated) == 1
+    monkeypatch.setattr(module, "LAUNCH", None)  # main called some other way than `modal run`: it checks the secret itself
+    module.main.info.raw_f(**parse_entrypoint_args(tm.main, args))
+    assert len(plans) == 2 and len(hydrated) == 2
+
+
 def test_a_sweep_is_checked_run_by_run_not_as_its_base_config(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
