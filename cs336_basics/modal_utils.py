@@ -482,29 +482,40 @@ def has_credentials() -> bool:
     return any(settings.get(key) for key in ("token_id", "token_secret", "oauth_refresh_token", "oauth_client_id"))
 
 
+@dataclass(frozen=True)
+class ModalRun:
+    """``modal run [OPTIONS] <script> ARGS`` on this machine, as :func:`check_before_connecting` found it."""
+
+    options: set[str]  # modal run's own options (e.g. --detach)
+    kwargs: dict[str, Any] | None  # the entrypoint's arguments; None when Modal's own parser is to report them
+    checked: Any = None  # what the check returned for ``kwargs``
+
+
 def check_before_connecting(argv: list[str], script: str, entrypoint: Callable[..., Any],
-                            check: Callable[..., None], repeatable: Collection[str] = ()) -> dict[str, Any] | None:
+                            check: Callable[..., Any], repeatable: Collection[str] = ()) -> ModalRun | None:
     """Under ``modal run <script>`` on this machine: check the arguments, then the credentials, before Modal connects.
 
     Runs when the script is imported (``modal run`` imports the file before it parses the arguments and connects):
     ``check(**kwargs)`` raises UserError for bad arguments; without credentials the line says to run ``modal setup``.
-    Either stops with one line and exit code 2. Returns the parsed arguments (lists for the ``repeatable`` ones, see
-    :func:`parse_cli_args`), or None when this is not such a run (tests, imports, the container) or Modal's own
-    parser is to report the arguments.
+    Either stops with one line and exit code 2. Returns the run: ``modal run``'s options, the parsed arguments (lists
+    for the ``repeatable`` ones, see :func:`parse_cli_args`; None when Modal's own parser is to report them) and what
+    ``check`` returned for them; or None when this is not such a run (tests, imports, the container).
     """
     found = modal_run_args(argv, script)
     if found is None or not modal.is_local():
         return None
-    kwargs = parse_cli_args(found[0], entrypoint, repeatable)
+    tokens, options = found
+    kwargs = parse_cli_args(tokens, entrypoint, repeatable)
     if kwargs is None:
-        return None
+        return ModalRun(options, None)
     try:
-        check(**kwargs)
+        checked = check(**kwargs)
     except UserError as exc:
-        fail(f"error: {one_line(exc)}", exc.exit_code)
+        exit_on_cli_error(exc)  # a UserError always has its one line: this exits
+        raise
     if not has_credentials():
         fail(f"error: no Modal credentials on this machine: {SETUP_HINT}")
-    return kwargs
+    return ModalRun(options, kwargs, checked)
 
 
 def open_volume() -> Any:

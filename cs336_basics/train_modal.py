@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -62,7 +62,6 @@ from cs336_basics.modal_utils import (
     exit_on_cli_error,
     fail,
     list_files,
-    modal_run_args,
     remote_path,
 )
 from cs336_basics.modal_worker import STATUS_ENV, exit_codes
@@ -157,12 +156,13 @@ def upload_command(local: str | Path, remote_name: str) -> str:
             f"--remote-name {remote_name} --data-type data")
 
 
-def read_remote_metadata(vol: Any, remote_name: str) -> dict | None:
-    """The metadata JSON beside a .bin in the volume's /data/, checked as local files are; None if absent."""
+def read_remote_metadata(vol: Any, remote_name: str, listing: Collection[str]) -> dict | None:
+    """The metadata JSON beside a .bin in the volume's /data/, checked as local files are; None if absent from
+    ``listing`` (the names /data/ holds, as the caller listed it)."""
     from cs336_basics.data import metadata_path, parse_metadata
 
     meta_name = metadata_path(Path(remote_name)).as_posix()
-    if meta_name not in {f.name for f in list_files(vol, "data")}:
+    if meta_name not in listing:
         return None
     text = b"".join(vol.read_file("/" + remote_path(meta_name, "data")))
     try:
@@ -197,7 +197,7 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
                 f"Data file not found on Modal: /data/{name} (data.{split}_path) is not in volume {VOLUME_NAME} "
                 f"(/data/ holds: {present}). Upload it with: {upload_command(local, name)}"
             )
-        meta = read_remote_metadata(vol, name)
+        meta = read_remote_metadata(vol, name, remote)
         if meta is None:
             notes.append(f"note: /data/{name} has no metadata JSON beside it, so its vocab_size cannot be checked; "
                          f"re-upload it from a folder holding {local.name}.json to enable the check")
@@ -209,8 +209,10 @@ def preflight(vol: Any, cfg: Any, *, resume: bool = False) -> list[str]:
     check_same_tokenizer(metas["train"], metas["val"], labels["train"], labels["val"],
                          "tokenize both with the same tokenizer (prepare_data.py --use-existing-tokenizer) and upload "
                          "them again with --force")
+    if resume:  # the listing below only serves the note for a fresh start
+        return notes
     checkpoints = [f.name for f in list_files(vol, "checkpoint") if f.name.endswith(".pt") and "/" not in f.name]
-    if checkpoints and not resume:
+    if checkpoints:
         notes.append(f"note: /checkpoints/ holds {len(checkpoints)} checkpoint(s) of an earlier run; this run starts "
                      f"from scratch and moves them to /checkpoints/{ARCHIVE_DIR}/<time>/ (pass --resume to continue "
                      "from them instead)")
@@ -379,17 +381,20 @@ def plan_launch(
     sweep: str | Sequence[str] = (),
     sweep_name: str = "",
     secret_lookup: Callable[[str], Any] | None = None,
+    launch: LaunchArgs | None = None,
 ) -> LaunchPlan:
     """Check the arguments, the config(s), the volume (and the W&B secret); raise UserError on the first problem.
 
-    A sweep's runs that the volume records as ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
+    ``launch``: what :func:`check_launch_args` already returned for these arguments (then they are not checked
+    again, and the GPU, config and sweep arguments are taken from it). A sweep's runs that the volume records as
+    ended (:func:`has_ended`) are left out (``--sweep-name`` resumes it).
     """
     from cs336_basics.config import config_to_dict
     from cs336_basics.runs import utc_now
     from cs336_basics.sweep import default_name, plan_sweep, point_row
 
-    args = check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset, sweep=sweep,
-                             sweep_name=sweep_name)
+    args = launch or check_launch_args(config_path, wandb, run_name, gpu, resume, overrides, preset=preset,
+                                       sweep=sweep, sweep_name=sweep_name)
     configs = args.configs or [args.cfg]
     notes: list[str] = []
     checked = set()
@@ -462,6 +467,12 @@ def _tokens(cfg: Any) -> int:
     return t.max_iters * t.batch_size * cfg.model.context_length
 
 
+def _precision(cfg: Any) -> str:
+    """The peak (gpus.py's precision) a run is planned at: tf32 for training.dtype=float32 (train.py sets TF32
+    matmuls on CUDA), else bf16 (the bf16 autocast that ``auto`` picks on a GPU supporting it)."""
+    return "tf32" if cfg.training.dtype == "float32" else "bf16"
+
+
 def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
              count: int) -> tuple[str, tuple[float, float] | None]:
     """What ``cfg``'s run would take on ``count`` x ``gpu`` in words, and its cost range in US$ (None: no estimate).
@@ -472,7 +483,7 @@ def estimate(cfg: Any, flops_per_token: float, gpu: gpus.ModalGPU,
     tokens = _tokens(cfg)
     price = gpus.hourly_price(gpu, count)
     priced = "no price in cs336_basics/gpus.py: see https://modal.com/pricing" if price is None else f"${price:.2f}/h"
-    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, "tf32" if t.dtype == "float32" else "bf16")
+    hours = gpus.estimate_hours(tokens * flops_per_token, gpu, count, _precision(cfg))
     if hours is None:
         return f"no time estimate (no peak FLOP/s for it in cs336_basics/gpus.py); {priced}", None
     fast, slow = hours
@@ -519,9 +530,8 @@ def plan_lines(cfg: Any, spec: gpus.GPUSpec) -> list[str]:
     except ImportError:  # a `modal` installed without torch: no FLOPs, so no estimate
         return [f"Plan: {t.max_iters:,} iterations, {tokens:,} tokens, on {spec} (install torch here for an estimate "
                 "of time and cost)"] + ([budget] if budget else [])
-    precision = "tf32" if t.dtype == "float32" else "bf16"
     lines = [f"Plan: {t.max_iters:,} iterations x {t.batch_size * m.context_length:,} tokens = {tokens:,} tokens, "
-             f"{tokens * flops_per_token:.2e} FLOPs ({precision}), on {spec}"
+             f"{tokens * flops_per_token:.2e} FLOPs ({_precision(cfg)}), on {spec}"
              + (" (Modal tries them in this order)" if len(spec.choices) > 1 else "")]
     if budget:
         lines.append(budget)
@@ -1084,16 +1094,25 @@ def _detached() -> bool:
     return bool(RUN_OPTIONS & {"-d", "--detach"})
 
 
-def _follow_lines(call_id: str) -> list[str]:
+def _follow_lines(call_ids: list[str], names: list[str] | None = None) -> list[str]:
+    """Where to follow spawned calls (a run's one, or a sweep's, one per name in ``names``), and what closing this
+    terminal does to them: stops them, or under ``--detach`` not, and how to wait for them again."""
     app_id = getattr(app, "app_id", None)
-    logs = f"modal app logs -f {app_id}" if app_id else "modal app logs -f <app id>"
-    lines = [f"Training call {call_id}: follow it with `{logs}` or on https://modal.com/apps"]
-    if _detached():
-        lines.append("Detached: closing this terminal does not stop training, and Modal still retries it; wait for it "
-                     f"again with `modal run cs336_basics/train_modal.py --attach {call_id}`")
+    follow = f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps"
+    attach = f"`modal run cs336_basics/train_modal.py --attach {','.join(call_ids)}`"
+    if names is None:
+        (call_id,) = call_ids
+        lines = [f"Training call {call_id}: follow it with {follow}"]
+        what, goes_on = "run", f"training, and Modal still retries it; wait for it again with {attach}"
     else:
-        lines.append("Ctrl-C or closing this terminal stops the run; launch with `modal run --detach ...` to let it "
-                     "go on without this terminal")
+        lines = [f"Calls: {', '.join(f'{n} {c}' for n, c in zip(names, call_ids))}; follow them with {follow}"]
+        what, goes_on = "sweep", ("the sweep, and Modal still retries its runs; each run rewrites the table in the "
+                                  f"volume when it ends; wait for them again with {attach}")
+    if _detached():
+        lines.append(f"Detached: closing this terminal does not stop {goes_on}")
+    else:
+        lines.append(f"Ctrl-C or closing this terminal stops the {what}; launch with `modal run --detach ...` to let "
+                     "it go on without this terminal")
     return lines
 
 
@@ -1102,7 +1121,7 @@ def launch_run(plan: LaunchPlan) -> int:
     print(f"Launching on {plan.spec} (volume {VOLUME_NAME} at {MOUNT}; up to {_duration(plan.timeout_s)} per "
           f"attempt, {MAX_RETRIES} retries, each resuming from the latest committed checkpoint)", flush=True)
     call = train_remote.spawn(**plan.calls[0])
-    for line in _follow_lines(call.object_id):
+    for line in _follow_lines([call.object_id]):
         print(line, flush=True)
     return report(call.get())
 
@@ -1134,17 +1153,8 @@ def launch_sweep(plan: LaunchPlan) -> int:
     print(f"Launching {len(plan.calls)} run(s) on {plan.spec}, one container each (up to {_duration(plan.timeout_s)} "
           f"per attempt, {MAX_RETRIES} retries each, resuming from the run's latest committed checkpoint)", flush=True)
     calls = [(kwargs["run_name"], train_remote.spawn(**kwargs)) for kwargs in plan.calls]
-    app_id = getattr(app, "app_id", None)
-    print(f"Calls: {', '.join(f'{name} {call.object_id}' for name, call in calls)}; follow them with "
-          f"`modal app logs -f {app_id or '<app id>'}` or on https://modal.com/apps", flush=True)
-    ids = ",".join(call.object_id for _, call in calls)
-    if _detached():
-        print("Detached: closing this terminal does not stop the sweep, and Modal still retries its runs; each run "
-              f"rewrites the table in the volume when it ends; wait for them again with `modal run "
-              f"cs336_basics/train_modal.py --attach {ids}`", flush=True)
-    else:
-        print("Ctrl-C or closing this terminal stops the sweep; launch with `modal run --detach ...` to let it go on "
-              "without this terminal", flush=True)
+    for line in _follow_lines([call.object_id for _, call in calls], [name for name, _ in calls]):
+        print(line, flush=True)
     results = []
     for i, (name, call) in enumerate(calls):
         result = _wait(call, f"[{i + 1}/{len(calls)}] {name}", f"the same --sweep-name {sweep.name} runs it again")
@@ -1183,12 +1193,14 @@ def attach_calls(call_ids: list[str]) -> int:
     return 0
 
 
-def sweep_specs(sweep: str) -> list[str]:
-    """Every ``--sweep`` given: Modal's parser passes only the last one, the command line (LAUNCH_ARGS) holds all."""
-    given = (LAUNCH_ARGS or {}).get("sweep") or []
-    if sweep and given and given[-1] == sweep:
-        return list(given)
-    return [sweep] if sweep else []
+def checked_launch(args: dict[str, Any]) -> LaunchArgs | None:
+    """LAUNCH, what the check before connecting returned, when it was made for ``args`` (main's arguments; Modal's
+    parser passes only the last ``--sweep``, the check read every one from the command line); None otherwise, and
+    plan_launch checks ``args`` itself."""
+    if LAUNCH is None or LAUNCH_ARGS is None:
+        return None
+    specs = LAUNCH_ARGS["sweep"]
+    return LAUNCH if {**LAUNCH_ARGS, "sweep": specs[-1] if specs else ""} == args else None
 
 
 def main(
@@ -1211,9 +1223,12 @@ def main(
             check_launch_args(attach=attach)
             code = attach_calls([call_id.strip() for call_id in attach.split(",")])
         else:
+            args = dict(config_path=config_path, wandb=wandb, run_name=run_name, gpu=gpu, resume=resume,
+                        overrides=overrides, attach=attach, preset=preset, sweep=sweep, sweep_name=sweep_name)
+            launch = checked_launch(args)  # under `modal run`, the arguments (and the W&B secret) checked at import
             plan = plan_launch(volume, config_path=config_path, overrides=overrides, gpu=gpu, wandb=wandb,
-                               run_name=run_name, resume=resume, preset=preset, sweep=sweep_specs(sweep),
-                               sweep_name=sweep_name, secret_lookup=_lookup_secret)
+                               run_name=run_name, resume=resume, preset=preset, sweep=sweep, sweep_name=sweep_name,
+                               secret_lookup=None if launch else _lookup_secret, launch=launch)
             declared = (FUNCTION_OPTIONS["gpu"], "secrets" in FUNCTION_OPTIONS, FUNCTION_OPTIONS["timeout"])
             if (plan.spec.modal_value, wandb, plan.timeout_s) != declared:
                 raise PreflightError(f"this app was declared with gpu={declared[0]}, W&B "
@@ -1242,9 +1257,10 @@ def main(
 # Under `modal run`, check the arguments and the config, then the credentials and the W&B secret, before Modal
 # connects (it imports this file first); the GPU, the secret and the timeout must be known here, where the function
 # is declared. Every --sweep counts: Modal's parser would keep only the last.
-LAUNCH_ARGS = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
-RUN_OPTIONS: set[str] = (modal_run_args(sys.argv, "train_modal.py") or ([], set()))[1]
-LAUNCH = check_launch_args(**LAUNCH_ARGS) if LAUNCH_ARGS else None
+_RUN = check_before_connecting(sys.argv, "train_modal.py", main, check_launch_args, repeatable=("sweep",))
+RUN_OPTIONS: set[str] = _RUN.options if _RUN else set()
+LAUNCH_ARGS: dict[str, Any] | None = _RUN.kwargs if _RUN else None
+LAUNCH: LaunchArgs | None = _RUN.checked if _RUN else None  # None also for --attach
 _WANDB = bool(LAUNCH and LAUNCH_ARGS["wandb"])
 if _WANDB:
     try:

@@ -460,12 +460,14 @@ def test_good_arguments_then_need_credentials(monkeypatch, capsys):
         mu.check_before_connecting(argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args)
     assert done.value.code == 2 and "run `modal setup`" in capsys.readouterr().err
     monkeypatch.setattr(mu, "has_credentials", lambda: True)
-    assert mu.check_before_connecting(argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args)["action"] \
-        == "list"
+    run = mu.check_before_connecting(["/x/bin/modal", "run", "--detach", *argv[2:]], "modal_utils.py",
+                                     mu.main.info.raw_f, mu.check_action_args)
+    assert run.kwargs["action"] == "list" and run.options == {"--detach"} and run.checked is None
     assert mu.check_before_connecting(["pytest"], "modal_utils.py", mu.main.info.raw_f, mu.check_action_args) is None
     help_argv = argv[:3] + ["--help"]  # Modal's own help, even without credentials
     monkeypatch.setattr(mu, "has_credentials", lambda: False)
-    assert mu.check_before_connecting(help_argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args) is None
+    assert mu.check_before_connecting(help_argv, "modal_utils.py", mu.main.info.raw_f, mu.check_action_args).kwargs \
+        is None
 
 
 def test_has_credentials_reads_modals_config(monkeypatch):

@@ -328,6 +328,18 @@ def test_preflight_catches_truncated_upload_mixed_tokenizers_short_data_and_note
     assert not any("checkpoint" in n for n in tm.preflight(vol, load_config("tiny.yaml"), resume=True))
 
 
+def test_preflight_lists_data_once_and_checkpoints_only_for_a_fresh_start(project, monkeypatch):
+    _, vol = project
+    listed = []
+    real = vol.listdir
+    monkeypatch.setattr(vol, "listdir", lambda path, **kw: listed.append(path) or real(path, **kw))
+    tm.preflight(vol, load_config("tiny.yaml"))
+    assert listed == ["/data", "/checkpoints"]
+    listed.clear()
+    tm.preflight(vol, load_config("tiny.yaml"), resume=True)  # the checkpoints only serve the fresh start's note
+    assert listed == ["/data"]
+
+
 def test_wandb_secret_check_asks_for_the_key():
     def missing(name):
         raise modal.exception.NotFoundError(f"Secret {name!r} not found")
@@ -611,7 +623,9 @@ def _run_main(monkeypatch, project, argv, hooks=(), run_options=(), remote=None)
     kwargs = parse_entrypoint_args(tm.main, tokens)  # as Modal's CLI passes them: only the last --sweep
     launch = mu.parse_cli_args(tokens, tm.main.info.raw_f, repeatable=("sweep",))  # what the import-time check reads
     monkeypatch.setattr(tm, "LAUNCH_ARGS", launch)
-    timeout = tm.check_launch_args(**launch).timeout_s if not kwargs["attach"] else tm.TIMEOUT_S
+    checked = tm.check_launch_args(**launch) if not kwargs["attach"] else None  # what the import-time check returns
+    monkeypatch.setattr(tm, "LAUNCH", checked)
+    timeout = checked.timeout_s if checked else tm.TIMEOUT_S
     monkeypatch.setattr(tm, "FUNCTION_OPTIONS", tm.function_options(kwargs["gpu"] or tm.DEFAULT_GPU, kwargs["wandb"],
                                                                     timeout))
     monkeypatch.setattr(tm, "plan_launch", _cpu_plan(tm.plan_launch))
@@ -1141,10 +1155,56 @@ def test_every_repeated_sweep_flag_is_used(monkeypatch, tmp_path):
     module = sys.modules["train_modal_recorded"]
     assert parse_entrypoint_args(tm.main, args)["sweep"] == "training.batch_size=4,8"  # Modal's parser: the last one
     assert module.LAUNCH_ARGS["sweep"] == ["training.max_lr=1e-3,1e-2", "training.batch_size=4,8"]
-    assert module.sweep_specs("training.batch_size=4,8") == module.LAUNCH_ARGS["sweep"]  # what main plans with
+    assert module.checked_launch(parse_entrypoint_args(tm.main, args)) is module.LAUNCH  # what main plans with
     assert module.LAUNCH.axes == [("training.max_lr", ["1e-3", "1e-2"]), ("training.batch_size", ["4", "8"])]
     assert [(c.training.max_lr, c.training.batch_size) for c in module.LAUNCH.configs] == [
         (1e-3, 4), (1e-3, 8), (1e-2, 4), (1e-2, 8)]
+
+
+def test_modal_run_checks_the_arguments_once(project, monkeypatch):
+    """Each run's config is loaded and checked once, before connecting; main plans with that result."""
+    import cs336_basics.config as config_mod
+
+    _, vol = project
+    loaded = []
+    real = config_mod.load_config
+    monkeypatch.setattr(config_mod, "load_config", lambda *a, **kw: loaded.append(a) or real(*a, **kw))
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    args = ["--config-path", "tiny.yaml", "--sweep", "training.max_lr=1e-3,1e-2", "--sweep=training.batch_size=4,8"]
+    import_fresh(monkeypatch, ["/x/bin/modal", "run", "cs336_basics/train_modal.py", *args])
+    module = sys.modules["train_modal_recorded"]
+    assert len(loaded) == 4  # one per run of the sweep
+    plans = []
+    monkeypatch.setattr(module, "volume", vol)
+    monkeypatch.setattr(module, "launch_sweep", lambda plan: plans.append(plan) or 0)
+    module.main.info.raw_f(**parse_entrypoint_args(tm.main, args))  # as Modal's CLI calls it: only the last --sweep
+    (plan,) = plans
+    assert len(loaded) == 4 and plan.sweep.axes == module.LAUNCH.axes and len(plan.calls) == 4
+
+
+def test_modal_run_looks_up_the_wandb_secret_once(project, monkeypatch):
+    _, vol = project
+    hydrated = []
+
+    class Secret:
+        def hydrate(self):
+            hydrated.append(self)
+            return self
+
+    monkeypatch.setattr(modal.Secret, "from_name", lambda name, **kwargs: Secret())
+    monkeypatch.setattr(mu, "has_credentials", lambda: True)
+    args = ["--config-path", "tiny.yaml", "--wandb"]
+    import_fresh(monkeypatch, ["/x/bin/modal", "run", "cs336_basics/train_modal.py", *args])
+    module = sys.modules["train_modal_recorded"]
+    assert len(hydrated) == 1  # before connecting
+    plans = []
+    monkeypatch.setattr(module, "volume", vol)
+    monkeypatch.setattr(module, "launch_run", lambda plan: plans.append(plan) or 0)
+    module.main.info.raw_f(**parse_entrypoint_args(tm.main, args))
+    assert len(plans) == 1 and plans[0].calls[0]["wandb"] is True and len(hydrated) == 1
+    monkeypatch.setattr(module, "LAUNCH", None)  # main called some other way than `modal run`: it checks the secret itself
+    module.main.info.raw_f(**parse_entrypoint_args(tm.main, args))
+    assert len(plans) == 2 and len(hydrated) == 2
 
 
 def test_a_sweep_is_checked_run_by_run_not_as_its_base_config(monkeypatch, tmp_path):
