@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_command
 from cs336_basics.config import ModelConfig
-from cs336_basics.fileio import _host, _pid_alive, temp_path
+from cs336_basics.fileio import remove_stale_temporaries, temp_path
 
 if TYPE_CHECKING:  # torch is imported only by the model export, so tokenizer commands start fast
     import torch
@@ -140,21 +140,21 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """Yield an empty temporary folder beside ``out``; it replaces ``out`` only when the block completes.
 
     An existing non-empty ``out`` is refused unless ``overwrite``. Temporary folders of exports that were killed
-    are removed first.
+    (and their ``.NAME.old`` folders) are removed first.
     """
     out = Path(out)
     check_out(out, overwrite)
     tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_folders(out)
+        remove_stale_temporaries(out)  # also catches .NAME.old.HOST.PID.tmp: it starts with .NAME.
         tmp.mkdir()
     except OSError as e:
         raise ExportError(f"cannot write into {out.parent}/: {e.strerror or e}; choose another --out") from None
     try:
         yield tmp
         if out.exists():
-            old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
+            old = temp_path(out.with_name(out.name + ".old"))
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -175,16 +175,6 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
         raise ExportError(f"--out {out} is a file, not a folder: choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}/ already exists and is not empty: choose a new folder or pass --overwrite")
-
-
-def _remove_stale_folders(out: Path) -> None:
-    """Remove ``.NAME.HOST.PID[.old].tmp`` folders beside ``out`` left by a dead export on this host."""
-    prefix = f".{out.name}.{_host()}."
-    for path in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = path.name[len(prefix):].removesuffix(".tmp").removesuffix(".old")
-        if path.is_dir() and path.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() \
-                and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_space(out: Path, needed: int) -> None:
