@@ -21,7 +21,7 @@ from cs336_basics.common import disk_full_error, is_disk_full, run_cli
 from cs336_basics.data import DataError, tokenizer_sha256
 from cs336_basics.fileio import prepare_output_dir, staged_outputs
 from cs336_basics.tokenize_data import check_text_file, tokenize_file
-from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
+from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 MAX_VOCAB_SIZE = 1 << 20  # far above any useful byte-level BPE vocab; ids still fit in uint32
 RULE = "=" * 80
@@ -66,12 +66,10 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
     vocab.json + merges.txt), which is imported, i.e. saved beside it as vocab.pkl + merges.pkl so training,
     generation and the .bin metadata's tokenizer hash all use the same files."""
     from cs336_basics.common import UserError
-    from cs336_basics.hf_tokenizer import foreign_tokenizer_files
 
     folder = Path(args.tokenizer_dir)
-    foreign = None
-    if not (folder / VOCAB_FILE).exists() and not (folder / MERGES_FILE).exists():
-        foreign = foreign_tokenizer_files(folder)
+    files = tokenizer_files(folder)
+    foreign = files if files and files[0].name != VOCAB_FILE else None
     for name in (VOCAB_FILE, MERGES_FILE):
         if foreign is None and not (folder / name).is_file():
             raise DataError(

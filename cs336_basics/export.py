@@ -225,6 +225,7 @@ def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log)
     Raises NotExpressibleError when no format (or, with ``require_hf``, not ``tokenizer.json``) can be written.
     """
     from cs336_basics import hf_tokenizer as hft
+    from cs336_basics.tokenizer import HF_TOKENIZER_FILE
 
     files: dict[str, str] = {}
     skipped: list[tuple[str, Exception]] = []
@@ -234,10 +235,10 @@ def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log)
     except hft.NotExpressibleError as e:
         if require_hf:
             raise
-        skipped.append((hft.HF_TOKENIZER_FILE, e))
+        skipped.append((HF_TOKENIZER_FILE, e))
     else:
         config = hft.hf_tokenizer_config(tok, model_max_length)
-        files[hft.HF_TOKENIZER_FILE] = as_json(hf)
+        files[HF_TOKENIZER_FILE] = as_json(hf)
         files[hft.HF_TOKENIZER_CONFIG_FILE] = as_json(config)
         files[hft.HF_SPECIAL_TOKENS_MAP_FILE] = as_json(
             {k: v for k, v in config.items() if k.endswith("_token") and v is not None})
