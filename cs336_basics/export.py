@@ -27,7 +27,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_command
+from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, run_command
 from cs336_basics.config import ModelConfig
 from cs336_basics.fileio import remove_stale_temporaries, temp_path
 
@@ -206,19 +206,6 @@ def _write_json(folder: Path, name: str, obj: dict) -> None:
 # Commands
 
 
-def _load_tokenizer(directory: str | os.PathLike):
-    from cs336_basics.hf_tokenizer import read_tokenizer
-
-    try:
-        return read_tokenizer(directory)
-    except FileNotFoundError as e:
-        raise ExportError(f"{e}; pass --tokenizer-dir with the tokenizer the model was trained with") from None
-    except UserError:
-        raise
-    except ValueError as e:  # a vocab without all 256 bytes, a merge of unknown tokens, ...
-        raise ExportError(f"cannot load the tokenizer in {directory}: {one_line(e, 200)}") from None
-
-
 def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log) -> dict[str, str]:
     """The tokenizer files that reproduce ``tok`` exactly; a format that cannot is skipped with one line.
 
@@ -257,12 +244,13 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer_d
               *, dtype: str = "float32", overwrite: bool = False, log=lambda line: None) -> Path:
     """Write the checkpoint (and its tokenizer) as a Hugging Face Llama folder ``out``; return it.
 
-    Raises ExportError / CheckpointError (one line) for a checkpoint that is not a Llama, a tokenizer that does
-    not fit it or cannot be written exactly, or an ``out`` that exists (unless ``overwrite``).
+    Raises a UserError (ExportError, CheckpointError, ...: one line) for a checkpoint that is not a Llama, a
+    tokenizer that does not fit it or cannot be written exactly, or an ``out`` that exists (unless ``overwrite``).
     """
     from safetensors.torch import save_file
 
     from cs336_basics.checkpoint import load_model
+    from cs336_basics.tokenizer import load_checked_tokenizer
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -277,11 +265,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer_d
     files: dict[str, str] = {}
     eos = None
     if tokenizer_dir is not None:
-        tok = _load_tokenizer(tokenizer_dir)
-        if tok.vocab_size != config.vocab_size:
-            raise ExportError(f"the tokenizer in {tokenizer_dir} has {tok.vocab_size} tokens but {checkpoint} has "
-                              f"vocab_size {config.vocab_size}: pass --tokenizer-dir with the tokenizer the model "
-                              "was trained with")
+        tok = load_checked_tokenizer(tokenizer_dir, config.vocab_size, model=str(checkpoint))
         files = _tokenizer_outputs(tok, config.context_length, require_hf=True, log=log)
         eos = tok.eot_id
     weights = llama_state_dict(model.state_dict(), config, dtype)
@@ -307,8 +291,10 @@ def export_tokenizer(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *
 
     A format that cannot reproduce our ids exactly is skipped with a warning line; NotExpressibleError when none can.
     """
+    from cs336_basics.tokenizer import load_checked_tokenizer
+
     check_out(out, overwrite)
-    tok = _load_tokenizer(tokenizer_dir)
+    tok = load_checked_tokenizer(tokenizer_dir)
     files = _tokenizer_outputs(tok, model_max_length, require_hf=False, log=log)
     with atomic_folder(out, overwrite) as tmp:
         for name, text in files.items():

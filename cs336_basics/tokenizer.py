@@ -714,6 +714,28 @@ def load_tokenizer(directory: str | os.PathLike, special_tokens: list[str] | Non
     return Tokenizer.from_files(*files, special_tokens)
 
 
+def load_checked_tokenizer(directory: str | os.PathLike, model_vocab_size: int | None = None, *,
+                           model: str = "the model") -> Tokenizer:
+    """The tokenizer in ``directory`` (a folder as :func:`load_tokenizer` reads it, or a tokenizer.json / vocab.json
+    itself) for a command: every failure is one UserError line, and with ``model_vocab_size`` a tokenizer of
+    another size than ``model``'s is refused."""
+    from cs336_basics.hf_tokenizer import read_tokenizer
+
+    fix = "pass --tokenizer-dir with the tokenizer the model was trained with"
+    try:  # with the special tokens saved beside it
+        tokenizer = read_tokenizer(directory) if Path(directory).is_file() else load_tokenizer(directory)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc}; {fix}") from None
+    except UserError:
+        raise
+    except Exception as exc:  # a vocab without all 256 bytes, a merge of unknown tokens, an unreadable file, ...
+        raise UserError(f"cannot load the tokenizer in {directory}: {one_line(exc, 200)}") from None
+    if model_vocab_size is not None and tokenizer.vocab_size != model_vocab_size:
+        raise UserError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but {model} has vocab_size "
+                        f"{model_vocab_size}: {fix}")
+    return tokenizer
+
+
 def _rebuild(vocab, merges, special_tokens, cache_size) -> Tokenizer:
     return Tokenizer(vocab, merges, special_tokens, cache_size=cache_size)
 

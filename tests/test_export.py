@@ -348,6 +348,10 @@ def test_tokenizer_cli_and_round_trip_through_import(trained, tmp_path, capsys):
         "special_tokens_map.json", "tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json"]
     back = hf_tokenizer.read_tokenizer(tmp_path / "t" / "tokenizer.json")
     assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_tokens == tok.special_tokens
+    # --tokenizer-dir may also name a tokenizer.json itself
+    assert export.main(["tokenizer", "--tokenizer-dir", str(tmp_path / "t" / "tokenizer.json"),
+                        "--out", str(tmp_path / "t2")]) == EXIT_OK
+    assert (tmp_path / "t2" / "tokenizer.json").read_text() == (tmp_path / "t" / "tokenizer.json").read_text()
 
 
 # What a format cannot express is refused in one line, and the refusal is justified: the format really disagrees.
