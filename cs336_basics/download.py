@@ -280,11 +280,11 @@ def fetch(remote: RemoteFile, output_dir: str | Path, *, progress: bool = False,
         try:
             meta = remote_metadata(remote, output_dir, endpoint)
         except DownloadError:
+            if final.is_file():
+                note(f"warning: cannot check {final} against the Hub; keeping it")
+                return final
             cached = _cached(remote, None, cache_dir)
-            if final.is_file() or cached is None:
-                if final.is_file():
-                    note(f"warning: cannot check {final} against the Hub; keeping it")
-                    return final
+            if cached is None:
                 raise
             note(f"warning: cannot reach the Hub; using {remote.name} from the huggingface_hub cache")
             _place(cached, final, move=False, gunzip=remote.gunzip, progress=progress)
