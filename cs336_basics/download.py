@@ -236,9 +236,7 @@ def _place(source: Path, final: Path, move: bool, gunzip: bool, progress: bool) 
                     out.write(block)
                     bar.update(raw.tell() - done)
                     done = raw.tell()
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            if is_disk_full(e) or isinstance(e, UserError):
-                raise
+        except (OSError, EOFError, gzip.BadGzipFile) as e:  # a full disk is a DiskFullError from atomic_output
             raise DownloadError(f"cannot decompress {source}: {one_line(e, 100)}; delete it and run again") from None
         if move:
             source.unlink()
