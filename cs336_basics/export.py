@@ -198,8 +198,12 @@ def _write_text(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text, encoding="utf-8")
 
 
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
 def _write_json(folder: Path, name: str, obj: dict) -> None:
-    _write_text(folder, name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    _write_text(folder, name, _json_text(obj))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,7 +220,6 @@ def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log)
 
     files: dict[str, str] = {}
     skipped: list[tuple[str, Exception]] = []
-    as_json = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
     try:
         hf = hft.hf_tokenizer_json(tok)
     except hft.NotExpressibleError as e:
@@ -225,9 +228,9 @@ def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log)
         skipped.append((HF_TOKENIZER_FILE, e))
     else:
         config = hft.hf_tokenizer_config(tok, model_max_length)
-        files[HF_TOKENIZER_FILE] = as_json(hf)
-        files[hft.HF_TOKENIZER_CONFIG_FILE] = as_json(config)
-        files[hft.HF_SPECIAL_TOKENS_MAP_FILE] = as_json(
+        files[HF_TOKENIZER_FILE] = _json_text(hf)
+        files[hft.HF_TOKENIZER_CONFIG_FILE] = _json_text(config)
+        files[hft.HF_SPECIAL_TOKENS_MAP_FILE] = _json_text(
             {k: v for k, v in config.items() if k.endswith("_token") and v is not None})
     try:
         files[hft.TIKTOKEN_FILE] = hft.tiktoken_ranks(tok)
