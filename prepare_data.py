@@ -17,11 +17,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from cs336_basics.common import disk_full_error, is_disk_full, run_cli
+from cs336_basics.common import disk_full_error, is_disk_full, run_command
 from cs336_basics.data import DataError, tokenizer_sha256
 from cs336_basics.fileio import prepare_output_dir, staged_outputs
 from cs336_basics.tokenize_data import check_text_file, tokenize_file
-from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
+from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 MAX_VOCAB_SIZE = 1 << 20  # far above any useful byte-level BPE vocab; ids still fit in uint32
 RULE = "=" * 80
@@ -66,12 +66,10 @@ def _load_existing(args: argparse.Namespace) -> Tokenizer:
     vocab.json + merges.txt), which is imported, i.e. saved beside it as vocab.pkl + merges.pkl so training,
     generation and the .bin metadata's tokenizer hash all use the same files."""
     from cs336_basics.common import UserError
-    from cs336_basics.hf_tokenizer import foreign_tokenizer_files
 
     folder = Path(args.tokenizer_dir)
-    foreign = None
-    if not (folder / VOCAB_FILE).exists() and not (folder / MERGES_FILE).exists():
-        foreign = foreign_tokenizer_files(folder)
+    files = tokenizer_files(folder)
+    foreign = files if files and files[0].name != VOCAB_FILE else None
     for name in (VOCAB_FILE, MERGES_FILE):
         if foreign is None and not (folder / name).is_file():
             raise DataError(
@@ -174,7 +172,7 @@ def _tokenize(title: str, src: str, dst: Path, tok: Tokenizer, args: argparse.Na
     print(f"  Compression ratio: {ratio:.2f}x", flush=True)
 
 
-def run(args: argparse.Namespace) -> None:
+def _prepare(args: argparse.Namespace) -> None:
     _check_args(args)
     # Fail in seconds, not after BPE training: inputs readable UTF-8, output folders writable.
     check_text_file(args.train_path)
@@ -199,21 +197,21 @@ def run(args: argparse.Namespace) -> None:
             _tokenize("Tokenizing Validation Data", args.val_path, out / "val.bin", tok, args, tok_hash)
 
 
+def run(args: argparse.Namespace) -> None:
+    """Train (or load) the tokenizer and tokenize the texts; an OSError no step explained is one line."""
+    try:
+        _prepare(args)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(e.filename or args.output_dir) from None
+        where = f": {e.filename}" if e.filename else ""
+        raise DataError(f"{e.strerror or e}{where}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def guarded() -> None:
-        try:
-            run(args)
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(e.filename or args.output_dir) from None
-            where = f": {e.filename}" if e.filename else ""
-            raise DataError(f"{e.strerror or e}{where}") from None
-
-    return run_cli(guarded, interrupted="error: interrupted; nothing was replaced (the tokenizer and .bin files are "
-                                        "put in place together only when all are complete)")
+    return run_command(build_parser(), run, argv, interrupted="error: interrupted; nothing was replaced (the "
+                       "tokenizer and .bin files are put in place together only when all are complete)")
 
 
 if __name__ == "__main__":

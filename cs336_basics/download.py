@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_cli
+from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_command
 from cs336_basics.fileio import atomic_output, temp_path
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -236,9 +236,7 @@ def _place(source: Path, final: Path, move: bool, gunzip: bool, progress: bool) 
                     out.write(block)
                     bar.update(raw.tell() - done)
                     done = raw.tell()
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            if is_disk_full(e) or isinstance(e, UserError):
-                raise
+        except (OSError, EOFError, gzip.BadGzipFile) as e:  # a full disk is a DiskFullError from atomic_output
             raise DownloadError(f"cannot decompress {source}: {one_line(e, 100)}; delete it and run again") from None
         if move:
             source.unlink()
@@ -280,11 +278,11 @@ def fetch(remote: RemoteFile, output_dir: str | Path, *, progress: bool = False,
         try:
             meta = remote_metadata(remote, output_dir, endpoint)
         except DownloadError:
+            if final.is_file():
+                note(f"warning: cannot check {final} against the Hub; keeping it")
+                return final
             cached = _cached(remote, None, cache_dir)
-            if final.is_file() or cached is None:
-                if final.is_file():
-                    note(f"warning: cannot check {final} against the Hub; keeping it")
-                    return final
+            if cached is None:
                 raise
             note(f"warning: cannot reach the Hub; using {remote.name} from the huggingface_hub cache")
             _place(cached, final, move=False, gunzip=remote.gunzip, progress=progress)
@@ -305,25 +303,30 @@ def fetch(remote: RemoteFile, output_dir: str | Path, *, progress: bool = False,
     return final
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 download/user error, 130 interrupted)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cs336_basics.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=sorted(DATASETS),
                         help="tinystories: TinyStoriesV2-GPT4 train/valid; owt: OpenWebText sample")
     parser.add_argument("--output-dir", default="data", help="folder for the text files (default: data)")
-    args = parser.parse_args(argv)
+    return parser
 
-    def body() -> None:
-        try:
-            for remote in DATASETS[args.dataset]:
-                path = fetch(remote, args.output_dir, progress=True)
-                print(f"✓ {path} ({path.stat().st_size / 1024**2:.2f} MB)", flush=True)
-        except OSError as e:  # the output folder: not writable, a file in the way, ...
-            if is_disk_full(e):
-                raise disk_full_error(Path(e.filename or args.output_dir)) from None
-            raise DownloadError(f"cannot write into {args.output_dir}: {e.strerror or e}") from None
 
-    return run_cli(body, interrupted="interrupted; run the same command again to resume the download")
+def run(args: argparse.Namespace) -> None:
+    """Fetch every file of the dataset into --output-dir."""
+    try:
+        for remote in DATASETS[args.dataset]:
+            path = fetch(remote, args.output_dir, progress=True)
+            print(f"✓ {path} ({path.stat().st_size / 1024**2:.2f} MB)", flush=True)
+    except OSError as e:  # the output folder: not writable, a file in the way, ...
+        if is_disk_full(e):
+            raise disk_full_error(Path(e.filename or args.output_dir)) from None
+        raise DownloadError(f"cannot write into {args.output_dir}: {e.strerror or e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 2 download/user error, 130 interrupted)."""
+    return run_command(build_parser(), run, argv,
+                       interrupted="interrupted; run the same command again to resume the download")
 
 
 if __name__ == "__main__":

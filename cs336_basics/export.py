@@ -27,9 +27,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, one_line, run_command
+from cs336_basics.common import UserError, disk_full_error, fmt_bytes, is_disk_full, run_command
 from cs336_basics.config import ModelConfig
-from cs336_basics.fileio import _host, _pid_alive, temp_path
+from cs336_basics.fileio import remove_stale_temporaries, temp_path
 
 if TYPE_CHECKING:  # torch is imported only by the model export, so tokenizer commands start fast
     import torch
@@ -140,21 +140,21 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """Yield an empty temporary folder beside ``out``; it replaces ``out`` only when the block completes.
 
     An existing non-empty ``out`` is refused unless ``overwrite``. Temporary folders of exports that were killed
-    are removed first.
+    (and their ``.NAME.old`` folders) are removed first.
     """
     out = Path(out)
     check_out(out, overwrite)
     tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_folders(out)
+        remove_stale_temporaries(out)  # also catches .NAME.old.HOST.PID.tmp: it starts with .NAME.
         tmp.mkdir()
     except OSError as e:
         raise ExportError(f"cannot write into {out.parent}/: {e.strerror or e}; choose another --out") from None
     try:
         yield tmp
         if out.exists():
-            old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
+            old = temp_path(out.with_name(out.name + ".old"))
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -175,16 +175,6 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
         raise ExportError(f"--out {out} is a file, not a folder: choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}/ already exists and is not empty: choose a new folder or pass --overwrite")
-
-
-def _remove_stale_folders(out: Path) -> None:
-    """Remove ``.NAME.HOST.PID[.old].tmp`` folders beside ``out`` left by a dead export on this host."""
-    prefix = f".{out.name}.{_host()}."
-    for path in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = path.name[len(prefix):].removesuffix(".tmp").removesuffix(".old")
-        if path.is_dir() and path.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() \
-                and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_space(out: Path, needed: int) -> None:
@@ -208,25 +198,16 @@ def _write_text(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text, encoding="utf-8")
 
 
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
 def _write_json(folder: Path, name: str, obj: dict) -> None:
-    _write_text(folder, name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    _write_text(folder, name, _json_text(obj))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Commands
-
-
-def _load_tokenizer(directory: str | os.PathLike):
-    from cs336_basics.hf_tokenizer import read_tokenizer
-
-    try:
-        return read_tokenizer(directory)
-    except FileNotFoundError as e:
-        raise ExportError(f"{e}; pass --tokenizer-dir with the tokenizer the model was trained with") from None
-    except UserError:
-        raise
-    except ValueError as e:  # a vocab without all 256 bytes, a merge of unknown tokens, ...
-        raise ExportError(f"cannot load the tokenizer in {directory}: {one_line(e, 200)}") from None
 
 
 def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log) -> dict[str, str]:
@@ -235,21 +216,21 @@ def _tokenizer_outputs(tok, model_max_length: int | None, require_hf: bool, log)
     Raises NotExpressibleError when no format (or, with ``require_hf``, not ``tokenizer.json``) can be written.
     """
     from cs336_basics import hf_tokenizer as hft
+    from cs336_basics.tokenizer import HF_TOKENIZER_FILE
 
     files: dict[str, str] = {}
     skipped: list[tuple[str, Exception]] = []
-    as_json = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
     try:
         hf = hft.hf_tokenizer_json(tok)
     except hft.NotExpressibleError as e:
         if require_hf:
             raise
-        skipped.append((hft.HF_TOKENIZER_FILE, e))
+        skipped.append((HF_TOKENIZER_FILE, e))
     else:
         config = hft.hf_tokenizer_config(tok, model_max_length)
-        files[hft.HF_TOKENIZER_FILE] = as_json(hf)
-        files[hft.HF_TOKENIZER_CONFIG_FILE] = as_json(config)
-        files[hft.HF_SPECIAL_TOKENS_MAP_FILE] = as_json(
+        files[HF_TOKENIZER_FILE] = _json_text(hf)
+        files[hft.HF_TOKENIZER_CONFIG_FILE] = _json_text(config)
+        files[hft.HF_SPECIAL_TOKENS_MAP_FILE] = _json_text(
             {k: v for k, v in config.items() if k.endswith("_token") and v is not None})
     try:
         files[hft.TIKTOKEN_FILE] = hft.tiktoken_ranks(tok)
@@ -266,12 +247,13 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer_d
               *, dtype: str = "float32", overwrite: bool = False, log=lambda line: None) -> Path:
     """Write the checkpoint (and its tokenizer) as a Hugging Face Llama folder ``out``; return it.
 
-    Raises ExportError / CheckpointError (one line) for a checkpoint that is not a Llama, a tokenizer that does
-    not fit it or cannot be written exactly, or an ``out`` that exists (unless ``overwrite``).
+    Raises a UserError (ExportError, CheckpointError, ...: one line) for a checkpoint that is not a Llama, a
+    tokenizer that does not fit it or cannot be written exactly, or an ``out`` that exists (unless ``overwrite``).
     """
     from safetensors.torch import save_file
 
     from cs336_basics.checkpoint import load_model
+    from cs336_basics.tokenizer import load_checked_tokenizer
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -286,11 +268,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer_d
     files: dict[str, str] = {}
     eos = None
     if tokenizer_dir is not None:
-        tok = _load_tokenizer(tokenizer_dir)
-        if tok.vocab_size != config.vocab_size:
-            raise ExportError(f"the tokenizer in {tokenizer_dir} has {tok.vocab_size} tokens but {checkpoint} has "
-                              f"vocab_size {config.vocab_size}: pass --tokenizer-dir with the tokenizer the model "
-                              "was trained with")
+        tok = load_checked_tokenizer(tokenizer_dir, config.vocab_size, model=str(checkpoint))
         files = _tokenizer_outputs(tok, config.context_length, require_hf=True, log=log)
         eos = tok.eot_id
     weights = llama_state_dict(model.state_dict(), config, dtype)
@@ -316,8 +294,10 @@ def export_tokenizer(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *
 
     A format that cannot reproduce our ids exactly is skipped with a warning line; NotExpressibleError when none can.
     """
+    from cs336_basics.tokenizer import load_checked_tokenizer
+
     check_out(out, overwrite)
-    tok = _load_tokenizer(tokenizer_dir)
+    tok = load_checked_tokenizer(tokenizer_dir)
     files = _tokenizer_outputs(tok, model_max_length, require_hf=False, log=log)
     with atomic_folder(out, overwrite) as tmp:
         for name, text in files.items():

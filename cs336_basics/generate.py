@@ -26,7 +26,7 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 import torch
 
 from cs336_basics.checkpoint import load_model_with_info
-from cs336_basics.common import UserError, one_line, run_cli
+from cs336_basics.common import UserError, run_cli
 from cs336_basics.device import pick_device
 
 EOS_TOKEN = "<|endoftext|>"
@@ -210,26 +210,6 @@ def resolve_tokenizer_dir(explicit: str | None, config: Mapping) -> Path:
     return Path("tokenizer")
 
 
-def load_checked_tokenizer(directory: Path, model_vocab_size: int):
-    """Load the tokenizer in ``directory`` (ours, or a tokenizer.json / GPT-2 files) and check it fits the model."""
-    from cs336_basics.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(directory)  # with the special tokens saved beside it
-    except FileNotFoundError as exc:
-        raise UserError(f"{exc} (pass --tokenizer-dir DIR pointing at the tokenizer used for training)") from None
-    except UserError:
-        raise
-    except Exception as exc:  # a vocab without all 256 bytes, ...
-        raise UserError(one_line(f"could not load the tokenizer in {directory}/: {exc}")) from None
-    if tokenizer.vocab_size != model_vocab_size:
-        raise UserError(
-            f"the tokenizer in {directory}/ has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model_vocab_size}: pass --tokenizer-dir with the tokenizer the model was trained with"
-        )
-    return tokenizer
-
-
 def warn_if_other_tokenizer(directory: Path, trained_with: str | None) -> None:
     """A warning when the tokenizer files differ from those the model was trained with (the checkpoint records
     their sha256): same vocab size, different tokens, so the text would be gibberish."""
@@ -286,11 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
+        from cs336_basics.tokenizer import load_checked_tokenizer
+
         check_args(args)
         device = pick_device(args.device)
         model, info = load_model_with_info(args.checkpoint, device)
         tokenizer_dir = resolve_tokenizer_dir(args.tokenizer_dir, info["config"])
-        tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size)
+        tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size, model=str(args.checkpoint))
         warn_if_other_tokenizer(tokenizer_dir, info.get("tokenizer_sha256"))
         eos_id = eos_id_of(tokenizer)
         prompt_ids = tokenizer.encode(args.prompt)

@@ -22,13 +22,11 @@ from pathlib import Path
 from cs336_basics.common import one_line
 from cs336_basics.gpt2 import bytes_to_unicode, decode_gpt2_token, encode_gpt2_token
 from cs336_basics.pretokenize import GPT2_PATTERN
-from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, TokenizerFileError, _load_merges, _load_vocab
+from cs336_basics.tokenizer import (GPT2_MERGES_FILE, GPT2_VOCAB_FILE, Tokenizer, TokenizerFileError, _load_merges,
+                                    _load_vocab, load_tokenizer)
 
-HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 HF_SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-GPT2_VOCAB_FILE = "vocab.json"
-GPT2_MERGES_FILE = "merges.txt"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 EOT = "<|endoftext|>"
 
@@ -310,17 +308,6 @@ def read_hf_tokenizer_json(path: str | os.PathLike) -> tuple[dict[int, bytes], l
     return vocab, merges, list(specials)
 
 
-def foreign_tokenizer_files(directory: str | os.PathLike) -> list[Path] | None:
-    """The files of a tokenizer trained elsewhere in ``directory``: ``[tokenizer.json]`` (preferred, it carries
-    the special tokens) or ``[vocab.json, merges.txt]``; None when neither is there."""
-    directory = Path(directory)
-    if (directory / HF_TOKENIZER_FILE).is_file():
-        return [directory / HF_TOKENIZER_FILE]
-    if (directory / GPT2_VOCAB_FILE).is_file() and (directory / GPT2_MERGES_FILE).is_file():
-        return [directory / GPT2_VOCAB_FILE, directory / GPT2_MERGES_FILE]
-    return None
-
-
 def read_tokenizer(source: str | os.PathLike, special_tokens: list[str] | None = None) -> Tokenizer:
     """A Tokenizer from ``source``: a ``tokenizer.json``, a ``vocab.json`` (with ``merges.txt`` beside it), or a
     folder holding our pickles, a ``tokenizer.json``, or ``vocab.json`` + ``merges.txt`` (in that order).
@@ -329,18 +316,10 @@ def read_tokenizer(source: str | os.PathLike, special_tokens: list[str] | None =
     ``special_tokens.json`` beside our pickles). Raises TokenizerFileError or FileNotFoundError, one line naming
     the file.
     """
-    from cs336_basics.tokenizer import load_tokenizer
-
     source = Path(source)
-    files = None
     if source.is_dir():
-        if not (source / VOCAB_FILE).exists() and not (source / MERGES_FILE).exists():
-            files = foreign_tokenizer_files(source)
-        if files is None:
-            tok = load_tokenizer(source)
-            extra = [s for s in special_tokens or [] if s not in tok.special_tokens]
-            return Tokenizer(tok.vocab, tok.merges, tok.special_tokens + extra) if extra else tok
-    elif source.suffix == ".json" and source.name != GPT2_VOCAB_FILE:
+        return load_tokenizer(source, special_tokens, add_special_tokens=True)
+    if source.suffix == ".json" and source.name != GPT2_VOCAB_FILE:
         files = [source]
     elif source.name in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE):
         files = [source.with_name(GPT2_VOCAB_FILE), source.with_name(GPT2_MERGES_FILE)]
@@ -350,6 +329,12 @@ def read_tokenizer(source: str | os.PathLike, special_tokens: list[str] | None =
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {f}")
+    return read_tokenizer_files(files, special_tokens)
+
+
+def read_tokenizer_files(files: list[Path], special_tokens: list[str] | None = None) -> Tokenizer:
+    """The tokenizer trained elsewhere in ``files``: ``[tokenizer.json]`` or ``[vocab.json, merges.txt]``, with
+    ``special_tokens`` added to a ``tokenizer.json``'s added tokens."""
     if len(files) == 1:
         vocab, merges, specials = read_hf_tokenizer_json(files[0])
     else:

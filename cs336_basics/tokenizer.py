@@ -36,6 +36,10 @@ from cs336_basics.pretokenize import NON_SPACE_AT, last_space_cut, pretokenize, 
 VOCAB_FILE = "vocab.pkl"
 MERGES_FILE = "merges.pkl"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+# A tokenizer trained elsewhere, read when a folder has neither of our pickles (see tokenizer_files).
+HF_TOKENIZER_FILE = "tokenizer.json"
+GPT2_VOCAB_FILE = "vocab.json"
+GPT2_MERGES_FILE = "merges.txt"
 
 # Characters of ordinary text encoded at a time: bounds the lists held in memory; larger blocks give
 # the batch merger more pre-tokens at once (see docs/benchmarks/tokenizer.md for the sizes tried).
@@ -662,31 +666,74 @@ class Tokenizer:
 # --------------------------------------------------------------------------------- module helpers
 
 
-def load_tokenizer(directory: str | os.PathLike, special_tokens: list[str] | None = None) -> Tokenizer:
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The files that hold the tokenizer in ``directory``, the one place that decides which kind is read.
+
+    Our ``vocab.pkl`` + ``merges.pkl`` when either is there (a missing one is then an error, not a reason to read
+    another kind); else a tokenizer trained elsewhere: ``[tokenizer.json]`` (preferred, it carries the special
+    tokens) or ``[vocab.json, merges.txt]``; else ``[]``. The first file's name tells the kind.
+    """
+    directory = Path(directory)
+    ours = [directory / VOCAB_FILE, directory / MERGES_FILE]
+    if any(path.exists() for path in ours):
+        return ours
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return [directory / HF_TOKENIZER_FILE]
+    gpt2 = [directory / GPT2_VOCAB_FILE, directory / GPT2_MERGES_FILE]
+    return gpt2 if all(path.is_file() for path in gpt2) else []
+
+
+def load_tokenizer(directory: str | os.PathLike, special_tokens: list[str] | None = None, *,
+                   add_special_tokens: bool = False) -> Tokenizer:
     """Load the tokenizer in ``directory``, written by :meth:`Tokenizer.save` or trained elsewhere.
 
     Our ``vocab.pkl`` + ``merges.pkl`` come first, with the special tokens saved beside them unless
-    ``special_tokens`` is given. Without them, a Hugging Face ``tokenizer.json`` or GPT-2's ``vocab.json`` +
-    ``merges.txt`` (byte-level BPE only) is read instead: its added tokens are special, plus ``special_tokens``.
+    ``special_tokens`` is given (with ``add_special_tokens``, ``special_tokens`` are added to the saved ones).
+    Without them, a Hugging Face ``tokenizer.json`` or GPT-2's ``vocab.json`` + ``merges.txt`` (byte-level BPE
+    only) is read instead: its added tokens are special, plus ``special_tokens``.
     """
     directory = Path(directory)
-    if not (directory / VOCAB_FILE).exists() and not (directory / MERGES_FILE).exists():
-        from cs336_basics.hf_tokenizer import foreign_tokenizer_files, read_tokenizer
-
-        if foreign_tokenizer_files(directory):
-            return read_tokenizer(directory, special_tokens)
+    files = tokenizer_files(directory)
+    if not files:
         raise FileNotFoundError(f"tokenizer file not found: {directory / VOCAB_FILE} (nor a tokenizer.json, nor "
                                 f"vocab.json + merges.txt, in {directory}/)")
+    if files[0].name != VOCAB_FILE:
+        from cs336_basics.hf_tokenizer import read_tokenizer_files
+
+        return read_tokenizer_files(files, special_tokens)
     specials_path = directory / SPECIAL_TOKENS_FILE
-    if special_tokens is None and specials_path.exists():
+    if (special_tokens is None or add_special_tokens) and specials_path.exists():
         try:
-            special_tokens = json.loads(specials_path.read_text(encoding="utf-8"))
+            saved = json.loads(specials_path.read_text(encoding="utf-8"))
         except ValueError as e:  # bad JSON or bad UTF-8
             raise TokenizerFileError(f"{specials_path} is not JSON ({one_line(e, 80)}); expected a list of "
                                      "strings such as [\"<|endoftext|>\"]") from None
-        if not isinstance(special_tokens, list) or not all(isinstance(t, str) for t in special_tokens):
+        if not isinstance(saved, list) or not all(isinstance(t, str) for t in saved):
             raise TokenizerFileError(f"{specials_path}: expected a JSON list of strings")
-    return Tokenizer.from_files(directory / VOCAB_FILE, directory / MERGES_FILE, special_tokens)
+        special_tokens = saved + (special_tokens or [])  # the Tokenizer drops repeats
+    return Tokenizer.from_files(*files, special_tokens)
+
+
+def load_checked_tokenizer(directory: str | os.PathLike, model_vocab_size: int | None = None, *,
+                           model: str = "the model") -> Tokenizer:
+    """The tokenizer in ``directory`` (a folder as :func:`load_tokenizer` reads it, or a tokenizer.json / vocab.json
+    itself) for a command: every failure is one UserError line, and with ``model_vocab_size`` a tokenizer of
+    another size than ``model``'s is refused."""
+    from cs336_basics.hf_tokenizer import read_tokenizer
+
+    fix = "pass --tokenizer-dir with the tokenizer the model was trained with"
+    try:  # with the special tokens saved beside it
+        tokenizer = read_tokenizer(directory) if Path(directory).is_file() else load_tokenizer(directory)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc}; {fix}") from None
+    except UserError:
+        raise
+    except Exception as exc:  # a vocab without all 256 bytes, a merge of unknown tokens, an unreadable file, ...
+        raise UserError(f"cannot load the tokenizer in {directory}: {one_line(exc, 200)}") from None
+    if model_vocab_size is not None and tokenizer.vocab_size != model_vocab_size:
+        raise UserError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but {model} has vocab_size "
+                        f"{model_vocab_size}: {fix}")
+    return tokenizer
 
 
 def _rebuild(vocab, merges, special_tokens, cache_size) -> Tokenizer:

@@ -10,8 +10,9 @@ read (cut at a character boundary). The Pile estimate, 825e9 bytes / (MB/s x 1e6
 ``prepare_data.py`` spreads the work over this machine's cores with no loss, which is optimistic by the cost of
 reading and writing files.
 
-A tokenizer folder holds ``vocab.pkl`` and ``merges.pkl`` (written by ``prepare_data.py --tokenizer-dir``), or GPT-2's
-``vocab.json`` and ``merges.txt``; its ``special_tokens.json`` is used when present.
+A tokenizer folder holds ``vocab.pkl`` and ``merges.pkl`` (written by ``prepare_data.py --tokenizer-dir``; its
+``special_tokens.json`` is used when present), or a Hugging Face ``tokenizer.json``, or GPT-2's ``vocab.json`` and
+``merges.txt``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cs336_basics.common import UserError, fmt_duration, format_table, one_line, run_command
-from cs336_basics.tokenizer import MERGES_FILE, VOCAB_FILE, Tokenizer, load_tokenizer
+from cs336_basics.tokenizer import VOCAB_FILE, Tokenizer, load_tokenizer, tokenizer_files
 
 PILE_BYTES = 825e9
 DEFAULT_MAX_MB = 16.0
@@ -67,18 +68,18 @@ def pile_seconds(mb_per_s: float, cores: int, total_bytes: float = PILE_BYTES) -
 
 
 def open_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """A fresh tokenizer from ``directory`` (our pickles, or GPT-2's vocab.json/merges.txt); one clear error."""
+    """A fresh tokenizer from ``directory`` (our pickles, a tokenizer.json, or GPT-2's vocab.json + merges.txt, as
+    :func:`~cs336_basics.tokenizer.tokenizer_files` picks); one clear error."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--tokenizer-dir {directory}: folder not found (prepare_data.py --tokenizer-dir writes one)")
+    for path in tokenizer_files(directory) or [directory / VOCAB_FILE]:
+        if not path.is_file():
+            raise UserError(f"--tokenizer-dir {directory}: {path.name} not found: pass a folder written by "
+                            "`prepare_data.py --tokenizer-dir DIR` (or holding a tokenizer.json, or GPT-2's "
+                            "vocab.json and merges.txt)")
     try:
-        if (directory / VOCAB_FILE).is_file() or not (directory / "vocab.json").is_file():
-            for name in (VOCAB_FILE, MERGES_FILE):
-                if not (directory / name).is_file():
-                    raise UserError(f"--tokenizer-dir {directory}: {name} not found: pass a folder written by "
-                                    "`prepare_data.py --tokenizer-dir DIR` (or holding GPT-2's vocab.json and merges.txt)")
-            return load_tokenizer(directory)
-        return Tokenizer.from_files(directory / "vocab.json", directory / "merges.txt")
+        return load_tokenizer(directory)
     except UserError:
         raise
     except Exception as exc:  # unpickling garbage raises anything from EOFError to UnpicklingError

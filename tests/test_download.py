@@ -8,6 +8,7 @@ bytes, a required token.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.server
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cs336_basics import download as dl
-from cs336_basics.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR
+from cs336_basics.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, DiskFullError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 1 << 16
@@ -288,6 +289,34 @@ def test_corrupt_gz_is_one_line_and_leaves_no_output(tmp_path, hub):
     with pytest.raises(dl.DownloadError, match="cannot decompress"):
         dl.fetch(remote, tmp_path)
     assert not (tmp_path / "owt_valid.txt").exists()
+
+
+def test_full_disk_while_decompressing_is_disk_full(tmp_path, hub, monkeypatch):
+    remote = dl.DATASETS["owt"][1]
+    hub.publish(remote, gzip.compress(b"x" * 100_000))
+    real_open = open
+
+    class Full:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if mode == "wb" else f
+
+    monkeypatch.setattr(dl, "open", full_disk_open, raising=False)
+    with pytest.raises(DiskFullError, match="no space left in .* to write owt_valid.txt"):
+        dl.fetch(remote, tmp_path)
+    assert not (tmp_path / "owt_valid.txt").exists() and not list(tmp_path.glob(".owt_valid.txt.*.tmp"))
 
 
 def test_checksum_mismatch_is_refused_and_deleted(tmp_path, hub):

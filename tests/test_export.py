@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cs336_basics import export, hf_tokenizer
+from cs336_basics import export, fileio, hf_tokenizer
 from cs336_basics.checkpoint import save_checkpoint
 from cs336_basics.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR
 from cs336_basics.config import ModelConfig
@@ -270,11 +270,14 @@ def test_interrupted_export_leaves_nothing(tmp_path, trained, capsys, monkeypatc
 
 def test_stale_temporary_folder_of_a_killed_export_is_removed(tmp_path):
     _, ckpt = _tiny_checkpoint(tmp_path)
-    stale = tmp_path / f".out.{export._host()}.999999999.tmp"  # a pid that cannot exist
+    stale = tmp_path / f".out.{fileio._host()}.999999999.tmp"  # a pid that cannot exist
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    old = tmp_path / f".out.old.{fileio._host()}.999999999.tmp"  # the previous --out of a killed --overwrite
+    old.mkdir()
+    (old / "config.json").write_text("{}")
     export.export_hf(ckpt, tmp_path / "out", None)
-    assert not stale.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert not stale.exists() and not old.exists() and (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -345,6 +348,10 @@ def test_tokenizer_cli_and_round_trip_through_import(trained, tmp_path, capsys):
         "special_tokens_map.json", "tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json"]
     back = hf_tokenizer.read_tokenizer(tmp_path / "t" / "tokenizer.json")
     assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_tokens == tok.special_tokens
+    # --tokenizer-dir may also name a tokenizer.json itself
+    assert export.main(["tokenizer", "--tokenizer-dir", str(tmp_path / "t" / "tokenizer.json"),
+                        "--out", str(tmp_path / "t2")]) == EXIT_OK
+    assert (tmp_path / "t2" / "tokenizer.json").read_text() == (tmp_path / "t" / "tokenizer.json").read_text()
 
 
 # What a format cannot express is refused in one line, and the refusal is justified: the format really disagrees.

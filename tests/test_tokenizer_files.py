@@ -19,7 +19,7 @@ from cs336_basics.common import EXIT_OK, EXIT_USER_ERROR, UserError
 from cs336_basics.data import read_metadata, tokenizer_sha256
 from cs336_basics.hf_tokenizer import hf_tokenizer_json, read_hf_tokenizer_json, read_tokenizer
 from cs336_basics.stories import write_corpus
-from cs336_basics.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer
+from cs336_basics.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer, tokenizer_files
 from fixtures import fixture_path
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -207,6 +207,30 @@ def test_import_gpt2_folder(tmp_path):
     tok = load_tokenizer(tmp_path, [EOT])
     assert tok.vocab == reference.vocab and tok.encode(TEXT) == reference.encode(TEXT)
     assert read_tokenizer(tmp_path / "vocab.json", [EOT]).encode(TEXT) == reference.encode(TEXT)
+
+
+def test_our_pickles_come_before_a_foreign_tokenizer(tmp_path):
+    for name in ("gpt2_vocab.json", "gpt2_merges.txt"):
+        shutil.copy(fixture_path(name), tmp_path / name.removeprefix("gpt2_"))
+    assert [p.name for p in tokenizer_files(tmp_path)] == ["vocab.json", "merges.txt"]
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert [p.name for p in tokenizer_files(tmp_path)] == ["tokenizer.json"]
+    ours = _small()
+    ours.save(tmp_path)
+    (tmp_path / "merges.pkl").unlink()  # one of ours is enough to rule the foreign ones out: the other is missing
+    assert [p.name for p in tokenizer_files(tmp_path)] == ["vocab.pkl", "merges.pkl"]
+    with pytest.raises(FileNotFoundError, match="merges.pkl"):
+        load_tokenizer(tmp_path)
+    ours.save(tmp_path)
+    assert load_tokenizer(tmp_path).vocab == ours.vocab
+    assert tokenizer_files(tmp_path / "nothing") == []
+
+
+def test_read_tokenizer_adds_special_tokens_to_those_saved_with_our_pickles(tmp_path):
+    _small().save(tmp_path)
+    tok = read_tokenizer(tmp_path, ["<|pad|>", EOT])
+    assert tok.special_tokens == [EOT, "<|pad|>"] and tok.encode("<|pad|>") == [tok.vocab_size - 1]
+    assert load_tokenizer(tmp_path, ["<|pad|>"]).special_tokens == ["<|pad|>"]  # load_tokenizer's replace them
 
 
 def test_our_export_round_trips(tmp_path):
