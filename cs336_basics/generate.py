@@ -26,7 +26,7 @@ if __name__ == "__main__":  # run as a script: import the package, not sibling f
 import torch
 
 from cs336_basics.checkpoint import load_model_with_info
-from cs336_basics.common import UserError, run_cli
+from cs336_basics.common import UserError, run_command
 from cs336_basics.device import pick_device
 
 EOS_TOKEN = "<|endoftext|>"
@@ -261,29 +261,29 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
 
 
+def run(args: argparse.Namespace) -> None:
+    """Load the checkpoint and tokenizer, then stream the samples to stdout."""
+    from cs336_basics.tokenizer import load_checked_tokenizer
+
+    check_args(args)
+    device = pick_device(args.device)
+    model, info = load_model_with_info(args.checkpoint, device)
+    tokenizer_dir = resolve_tokenizer_dir(args.tokenizer_dir, info["config"])
+    tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size, model=str(args.checkpoint))
+    warn_if_other_tokenizer(tokenizer_dir, info.get("tokenizer_sha256"))
+    eos_id = eos_id_of(tokenizer)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        if eos_id is None:
+            raise UserError(f"--prompt is empty and the tokenizer has no {EOS_TOKEN} token to start from")
+        prompt_ids = [eos_id]
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    write_samples(model, tokenizer, args, prompt_ids, eos_id, generator, sys.stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        from cs336_basics.tokenizer import load_checked_tokenizer
-
-        check_args(args)
-        device = pick_device(args.device)
-        model, info = load_model_with_info(args.checkpoint, device)
-        tokenizer_dir = resolve_tokenizer_dir(args.tokenizer_dir, info["config"])
-        tokenizer = load_checked_tokenizer(tokenizer_dir, model.vocab_size, model=str(args.checkpoint))
-        warn_if_other_tokenizer(tokenizer_dir, info.get("tokenizer_sha256"))
-        eos_id = eos_id_of(tokenizer)
-        prompt_ids = tokenizer.encode(args.prompt)
-        if not prompt_ids:
-            if eos_id is None:
-                raise UserError(f"--prompt is empty and the tokenizer has no {EOS_TOKEN} token to start from")
-            prompt_ids = [eos_id]
-        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-        write_samples(model, tokenizer, args, prompt_ids, eos_id, generator, sys.stdout)
-
-    return run_cli(run, interrupted="")
+    """Command-line entry point; returns the exit status (see cs336_basics.common)."""
+    return run_command(build_parser(), run, argv, interrupted="")
 
 
 def write_samples(model, tokenizer, args: argparse.Namespace, prompt_ids: list[int], eos_id: int | None,
